@@ -25,7 +25,7 @@ def test_linear_schedule_endpoints_and_cumprod_of_one_minus_beta():
 
 def test_cosine_schedule_follows_its_alpha_bar():
     betas = schedules.cosine_betas(T)
-    f = lambda tau: np.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    f = lambda tau: np.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2
     target = f(np.arange(1, T + 1) / T) / f(0.0)
     abar = np.cumprod(1 - betas)
     # Equal until the 0.999 clip binds in the last steps.
@@ -221,7 +221,7 @@ def test_bits_per_dim_of_uniform_noise_model_is_about_8_bits():
     sched = schedules.schedule_from_config("linear", 100, beta_start=1e-3, beta_end=0.2)
     key = jax.random.key(0)
     x0 = jax.random.randint(key, (64, 4, 4, 1), 0, 256).astype(jnp.float32) / 127.5 - 1.0
-    model = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    model = lambda x, t: jnp.zeros_like(x)
     out = jax.jit(lambda x: diffusion.variational_bound(sched, model, x, key, prediction="x0"))(x0)
     assert float(jnp.mean(out["bpd"])) > 8.0
     chex.assert_shape(out["terms_nats"], (64, 100))

@@ -57,7 +57,7 @@ def test_exact_denoiser_minimises_each_loss(prediction):
 
 def test_min_snr_eps_loss_equals_min_snr_x0_loss():
     """ε error = -√SNR · x_0 error, so ε-MSE · min(SNR, γ)/SNR ≡ x_0-MSE · min(SNR, γ)."""
-    eps_apply = lambda p, xt, t, y, k: p["c"] * oracle_prediction("eps", xt, t)  # noqa: E731
+    eps_apply = lambda p, xt, t, y, k: p["c"] * oracle_prediction("eps", xt, t)
 
     def x0_apply(p, xt, t, y, k):
         return diffusion.x0_from_eps(SCHED, xt, t, eps_apply(p, xt, t, y, k))
@@ -128,7 +128,7 @@ def test_loss_reaches_labels_and_dropout_key():
 
     loss_fn = losses.make_diffusion_loss(apply_fn, SCHED, label_drop_prob=0.5, null_label=3)
     batch = {"image": jnp.zeros((8, 4, 4, 1)), "label": jnp.arange(8) % 3}
-    loss, metrics = loss_fn({"w": jnp.float32(0.0)}, batch, jax.random.key(0))
+    _loss, metrics = loss_fn({"w": jnp.float32(0.0)}, batch, jax.random.key(0))
     chex.assert_shape(seen["y"], (8,))
     assert seen["key"] is not None
     assert float(metrics["loss"]) == pytest.approx(float(metrics["mse"]))

@@ -94,7 +94,7 @@ def make_schedule(betas: np.ndarray) -> Schedule:
         clipped = np.append(posterior_variance[1], posterior_variance[1:])
     else:
         clipped = betas.copy()
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
     return Schedule(
         betas=f32(betas),
         alphas_cumprod=f32(alphas_cumprod),
