@@ -1,0 +1,59 @@
+"""Datasets and the deterministic, sharded batch pipeline.
+
+source = data.load_source("digits", "train")            # bundled, no download
+source = data.load_source("cifar10", "train", data_dir)  # a prepared TFDS dataset
+loader = data.Loader(source, mesh, global_batch=128, seed=0, random_flip=True)
+batch = next(loader)        # {'image': (128, H, W, C) f32, 'label': (128,) i32}, sharded
+ckpt = loader.state()       # {'step', 'seed', 'num_examples'}; loader.restore(ckpt)
+"""
+
+from diffusax.data.pipeline import (
+    Loader,
+    batch_indices,
+    epoch_permutation,
+    flip_mask,
+    host_batch,
+    read_rows,
+)
+from diffusax.data.sources import ArraySource, DatasetInfo, digits, validate_info
+
+BUNDLED = ("digits",)
+
+
+def load_source(
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    *,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    image_shape=None,
+):
+    """A random-access source: the bundled ``digits``, else the TFDS dataset ``name``.
+
+    TFDS datasets are read from ``data_dir`` (None or "": TFDS's default) and must already be
+    prepared in array_record format; a missing one raises ``DatasetNotPreparedError`` with the
+    command that prepares it. ``label_key`` None or "" reads no labels. ``image_shape``
+    (H, W, C), when given, must match the dataset's.
+    """
+    if name == "digits":
+        return digits(split, image_shape=image_shape)
+    from diffusax.data.tfds_source import TfdsSource
+
+    return TfdsSource(name, split, data_dir or None, image_key, label_key or None, image_shape)
+
+
+__all__ = [
+    "BUNDLED",
+    "ArraySource",
+    "DatasetInfo",
+    "Loader",
+    "batch_indices",
+    "digits",
+    "epoch_permutation",
+    "flip_mask",
+    "host_batch",
+    "load_source",
+    "read_rows",
+    "validate_info",
+]

@@ -1,0 +1,74 @@
+"""Model families, built from a config, and the pure apply function the losses call.
+
+    model = build_model(cfg.model, image_shape=(8, 8, 1), num_classes=10,
+                        learned_variance=False, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    apply_fn = make_apply_fn(graphdef)      # apply_fn(params, x, t, y, dropout_key)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusax.models.layers import count_params
+from diffusax.models.unet import UNet
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def check_image_shape(model_cfg, image_shape: tuple) -> None:
+    """Raise ValueError naming the field when the model cannot take images of this shape."""
+    height, width, _ = image_shape
+    if model_cfg.name == "unet":
+        factor = 2 ** (len(model_cfg.ch_mult) - 1)
+        if height != width or height % factor:
+            raise ValueError(
+                f"config field 'model.ch_mult' has {len(model_cfg.ch_mult)} levels, so the U-Net "
+                f"needs square images whose side is divisible by {factor}; the data has "
+                f"{height}x{width}"
+            )
+        return
+    raise ValueError(f"config field 'model.name': unknown model {model_cfg.name!r}")
+
+
+def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, rngs: nnx.Rngs):
+    """The network named by ``model_cfg.name`` for images of ``image_shape`` (H, W, C)."""
+    check_image_shape(model_cfg, tuple(image_shape))
+    height, _, channels = image_shape
+    out_channels = 2 * channels if learned_variance else channels
+    if model_cfg.name == "unet":
+        return UNet(
+            in_channels=channels,
+            out_channels=out_channels,
+            ch=model_cfg.ch,
+            ch_mult=tuple(model_cfg.ch_mult),
+            num_res_blocks=model_cfg.num_res_blocks,
+            attn_resolutions=tuple(model_cfg.attn_resolutions),
+            resolution=height,
+            dropout=model_cfg.dropout,
+            num_classes=num_classes if model_cfg.class_conditional else None,
+            num_heads=model_cfg.num_heads,
+            norm_groups=min(32, model_cfg.ch),
+            remat=model_cfg.remat,
+            dtype=DTYPES[model_cfg.dtype],
+            rngs=rngs,
+        )
+    raise ValueError(f"config field 'model.name': unknown model {model_cfg.name!r}")
+
+
+def make_apply_fn(graphdef):
+    """apply_fn(params, x, t, y, dropout_key) -> output: the network as a pure function.
+
+    ``nnx.merge`` inside the traced function costs nothing at run time: it only rebuilds the
+    Python object while tracing.
+    """
+
+    def apply_fn(params, x, t, y=None, dropout_key=None):
+        model = nnx.merge(graphdef, params)
+        return model(x, t, y, dropout_key=dropout_key)
+
+    return apply_fn
+
+
+__all__ = ["UNet", "build_model", "check_image_shape", "count_params", "make_apply_fn"]

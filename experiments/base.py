@@ -1,0 +1,113 @@
+"""Shared defaults of every experiment; also the schema that `diffusax.config.validate` checks.
+
+An experiment file defines `get_config(arg=None)` that starts from `get_base_config()` and
+overrides values. Every key a config may hold is declared here, so a misspelled key is an error.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.seed = 0
+    c.method = "ddpm"  # a method is a loss plus a sampler; see diffusax.methods
+    # Shrinks the experiment so it runs to completion on a laptop CPU (big_vision's switch).
+    c.runlocal = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # "digits" (bundled) or a TFDS dataset name, e.g. "cifar10"
+    c.data.data_dir = ""  # TFDS data directory ("" = TFDS's default, ~/tensorflow_datasets)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_key = "image"
+    c.data.label_key = "label"  # "" for an unlabelled dataset
+    c.data.random_flip = False
+    c.data.num_levels = 256  # quantisation levels of the data, for bits per dimension
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.num_heads = 1
+    c.model.dropout = 0.1
+    c.model.class_conditional = False
+    c.model.remat = False
+    c.model.dtype = "float32"  # computation dtype; parameters stay float32
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.prediction = "eps"
+    c.diffusion.var_type = "fixed_large"
+    c.diffusion.vlb_weight = 0.001
+    c.diffusion.min_snr_gamma = 0.0  # 0 = no Min-SNR weighting
+    c.diffusion.label_drop_prob = 0.0  # > 0 trains the unconditional model for guidance
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # adam | adamw
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 5000
+    c.optim.schedule = "constant"  # constant | cosine (after the linear warmup)
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
+    c.optim.ema_decay = 0.9999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # global, over all devices and hosts
+    c.train.num_steps = 800_000
+    c.train.log_every = 100
+    c.train.checkpoint_every = 5000
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.sample_every = 0  # write an EMA sample grid every N steps (0 = only at the end)
+    c.train.grid_samples = 64
+    c.train.nonfinite = "abort"  # abort | skip
+    c.train.max_bad_steps = 10  # with "skip": abort after this many non-finite steps in a row
+    c.train.mesh_data = -1  # devices on the data axis (-1 = all that the fsdp axis leaves)
+    c.train.mesh_fsdp = 1
+    c.train.progress = True
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m
+    c.sample.num_steps = 0  # 0 = every timestep of the schedule
+    c.sample.eta = 0.0
+    c.sample.num_samples = 1000
+    c.sample.batch_size = 500
+    c.sample.guidance_scale = 1.0  # 1 = the conditional model, no guidance
+    c.sample.clip_x0 = 1.0  # clip predicted x_0 to [-c, c]; 0 = off
+    c.sample.label = -1  # -1 = cycle through the classes
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 1000
+    c.eval.bpd_examples = 256
+    c.eval.classifier_steps = 1500
+    return c
+
+
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
+    """The shared part of every experiment's `runlocal`: a few small steps, a few samples."""
+    c.train.num_steps = min(c.train.num_steps, 20)
+    c.train.batch_size = 16
+    c.train.log_every = 5
+    c.train.checkpoint_every = 10
+    c.train.grid_samples = 16
+    c.optim.warmup_steps = min(c.optim.warmup_steps, 5)
+    c.sample.num_samples = 16
+    c.sample.batch_size = 16
+    c.sample.num_steps = 20
+    c.eval.num_samples = 64
+    c.eval.bpd_examples = 16
+    c.eval.classifier_steps = 100
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+    """Default `--config.runlocal=True` for experiments that define no `runlocal` of their own."""
+    shrink_for_runlocal(c)

@@ -1,0 +1,245 @@
+"""Load an experiment's config and validate it before anything is compiled.
+
+    cfg = load_experiment("ddpm_digits", overrides={"train.num_steps": 100})
+
+Experiments are files `experiments/NAME.py` with `get_config(arg=None)`; `--config.a.b=value`
+flags (or ``overrides``) change single fields. `experiments/base.py` declares every key, and
+``validate`` checks each against it: unknown keys (with a "did you mean"), wrong types, names
+that are not one of the choices, and values out of range each raise ``ConfigError`` naming the
+field. Checks that need the dataset or the devices are in ``check_runtime``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+
+import ml_collections
+
+from diffusax import diffusion, schedules
+
+EXPERIMENTS_DIR = "experiments"
+
+# Fields whose value must be one of a few names.
+CHOICES = {
+    "method": ("ddpm",),
+    "model.name": ("unet",),
+    "model.dtype": ("float32", "bfloat16"),
+    "diffusion.schedule": tuple(schedules.BETA_SCHEDULES),
+    "diffusion.prediction": diffusion.PREDICTIONS,
+    "diffusion.var_type": diffusion.VAR_TYPES,
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.nonfinite": ("abort", "skip"),
+    "sample.sampler": ("ddpm", "ddim", "dpm++2m"),
+}
+POSITIVE = (
+    "diffusion.num_timesteps",
+    "optim.learning_rate",
+    "train.batch_size",
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "sample.num_samples",
+    "sample.batch_size",
+    "eval.num_samples",
+)
+NON_NEGATIVE = (
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "diffusion.min_snr_gamma",
+    "sample.num_steps",
+    "sample.eta",
+    "sample.clip_x0",
+    "train.sample_every",
+)
+UNIT_INTERVAL = ("model.dropout", "diffusion.label_drop_prob", "optim.ema_decay")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the field."""
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    return _load_module(os.path.join(EXPERIMENTS_DIR, "base.py")).get_base_config()
+
+
+def _load_module(path: str):
+    if not os.path.exists(path):
+        raise ConfigError(f"experiment file {path!r} does not exist")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:  # experiments import `experiments.base`
+        sys.path.insert(0, root)
+    name = "diffusax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def experiment_path(name_or_path: str) -> str:
+    """`ddpm_digits` -> `experiments/ddpm_digits.py`; a path is returned as it is."""
+    if name_or_path.endswith(".py"):
+        return name_or_path
+    return os.path.join(EXPERIMENTS_DIR, f"{name_or_path}.py")
+
+
+def load_experiment(
+    name_or_path: str, arg: str | None = None, overrides: Mapping[str, object] | None = None
+) -> ml_collections.ConfigDict:
+    """get_config(arg) of the experiment, with overrides and the runlocal shrink, validated."""
+    path = experiment_path(name_or_path)
+    cfg = _load_module(path).get_config(arg)
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        _set_field(cfg, key, value)
+    return finalize(cfg, path, overrides)
+
+
+def finalize(cfg, path: str, overrides: Mapping[str, object]) -> ml_collections.ConfigDict:
+    """Apply the experiment's `runlocal` shrink when asked, re-apply explicit overrides, validate.
+
+    The overrides go last so that `--config.runlocal=True --config.train.num_steps=50` means 50.
+    """
+    if cfg.get("runlocal"):
+        module = _load_module(path)
+        shrink = getattr(module, "runlocal", None) or _load_module(
+            os.path.join(os.path.dirname(path) or ".", "base.py")
+        ).runlocal
+        shrink(cfg)
+        for key, value in overrides.items():
+            _set_field(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _set_field(cfg, dotted: str, value) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    node = cfg
+    for part in parent.split(".") if parent else ():
+        if part not in node:
+            raise ConfigError(f"unknown config field {dotted!r}{_suggest(part, list(node))}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"unknown config field {dotted!r}{_suggest(leaf, list(node))}")
+    with node.unlocked():
+        node[leaf] = value
+
+
+def _suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _flatten(cfg, prefix=""):
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def _type_ok(value, default) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError naming the first field that cannot work."""
+    base = dict(_flatten(_base_config()))
+    fields = dict(_flatten(cfg))
+    for path, value in fields.items():
+        if path not in base:
+            raise ConfigError(
+                f"unknown config field {path!r}{_suggest(path, list(base))}"
+            )
+        if not _type_ok(value, base[path]):
+            raise ConfigError(
+                f"config field {path!r} must be of type {type(base[path]).__name__}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+    for path, names in CHOICES.items():
+        if fields.get(path) not in names:
+            raise ConfigError(
+                f"config field {path!r} is {fields.get(path)!r}; choose one of {list(names)}"
+                f"{_suggest(str(fields.get(path)), names)}"
+            )
+    for path in POSITIVE:
+        if not fields[path] > 0:
+            raise ConfigError(f"config field {path!r} must be > 0, got {fields[path]!r}")
+    for path in NON_NEGATIVE:
+        if not fields[path] >= 0:
+            raise ConfigError(f"config field {path!r} must be >= 0, got {fields[path]!r}")
+    for path in UNIT_INTERVAL:
+        if not 0 <= fields[path] < 1:
+            raise ConfigError(f"config field {path!r} must be in [0, 1), got {fields[path]!r}")
+    if fields["sample.num_steps"] > fields["diffusion.num_timesteps"]:
+        raise ConfigError(
+            f"config field 'sample.num_steps' ({fields['sample.num_steps']}) exceeds "
+            f"'diffusion.num_timesteps' ({fields['diffusion.num_timesteps']})"
+        )
+    learned = fields["diffusion.var_type"] in diffusion.LEARNED_VAR_TYPES
+    if learned and fields["diffusion.prediction"] != "eps":
+        raise ConfigError("config field 'diffusion.var_type' learned needs prediction='eps'")
+    if fields["diffusion.label_drop_prob"] > 0 and not fields["model.class_conditional"]:
+        raise ConfigError(
+            "config field 'diffusion.label_drop_prob' > 0 needs model.class_conditional=True"
+        )
+    if fields["sample.guidance_scale"] != 1.0 and not fields["model.class_conditional"]:
+        raise ConfigError("config field 'sample.guidance_scale' needs a class-conditional model")
+    if fields["train.mesh_fsdp"] < 1 or fields["train.mesh_data"] == 0 or fields["train.mesh_data"] < -1:
+        raise ConfigError("config fields 'train.mesh_data' (-1 or >= 1) / 'train.mesh_fsdp' (>= 1)")
+
+
+def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
+    """The checks that need the dataset and the devices; still before any compilation."""
+    batch_devices = num_devices if cfg.train.mesh_data == -1 else cfg.train.mesh_data * cfg.train.mesh_fsdp
+    if cfg.train.mesh_data == -1 and num_devices % cfg.train.mesh_fsdp:
+        raise ConfigError(
+            f"config field 'train.mesh_fsdp' ({cfg.train.mesh_fsdp}) does not divide the "
+            f"{num_devices} devices"
+        )
+    if cfg.train.batch_size % batch_devices:
+        raise ConfigError(
+            f"config field 'train.batch_size' ({cfg.train.batch_size}) is not divisible by the "
+            f"{batch_devices} devices it is split over"
+        )
+    if cfg.model.class_conditional and not num_classes:
+        raise ConfigError(
+            f"config field 'model.class_conditional' is True but dataset {cfg.data.name!r} has "
+            f"no labels"
+        )
+    from diffusax import models
+
+    models.check_image_shape(cfg.model, tuple(image_shape))
+
+
+def describe(cfg) -> str:
+    """One line per field, for logs."""
+    return "\n".join(f"{k} = {v!r}" for k, v in _flatten(cfg))
+
+
+def digest_fields(cfg) -> dict:
+    """The fields that must not change across a resume (they shape the parameters)."""
+    return {k: v for k, v in _flatten(cfg) if k.startswith("model.") or k == "method"}
+
+
+def num_params_str(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+

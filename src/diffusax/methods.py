@@ -1,0 +1,101 @@
+"""A method is a loss plus a sampler. The loop asks this module for both; it never forks.
+
+Only DDPM-style denoising (ε / x_0 / v prediction, hybrid loss) exists so far; LDM, LCM and
+ADD add their entries here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusax import diffusion, losses, sampling, schedules
+
+
+def make_schedule(cfg) -> schedules.Schedule:
+    d = cfg.diffusion
+    kwargs = {}
+    if d.schedule != "cosine":
+        kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end)
+    return schedules.schedule_from_config(d.schedule, d.num_timesteps, **kwargs)
+
+
+def make_loss(cfg, apply_fn, sched, num_classes):
+    """loss(params, batch, key) -> (loss, metrics) for ``cfg.method``."""
+    d = cfg.diffusion
+    if cfg.method == "ddpm":
+        return losses.make_diffusion_loss(
+            apply_fn,
+            sched,
+            prediction=d.prediction,
+            var_type=d.var_type,
+            vlb_weight=d.vlb_weight,
+            min_snr_gamma=d.min_snr_gamma or None,
+            label_drop_prob=d.label_drop_prob,
+            null_label=num_classes if cfg.model.class_conditional else None,
+        )
+    raise ValueError(f"config field 'method': unknown method {cfg.method!r}")
+
+
+def sample_labels(num: int, num_classes: int | None, label: int = -1):
+    """Labels for a batch of samples: one class, or the classes in turn (0, 1, ..., 0, 1, ...)."""
+    if num_classes is None:
+        return None
+    if label >= 0:
+        return np.full((num,), label, np.int32)
+    return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=None):
+    """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
+
+    ``sample_cfg`` (default ``cfg.sample``) chooses the sampler, its step count, η, guidance and
+    x_0 clipping. Guidance runs the conditional and unconditional model in one batched call.
+    """
+    s = sample_cfg or cfg.sample
+    d = cfg.diffusion
+    learned = d.var_type in diffusion.LEARNED_VAR_TYPES
+    conditional = cfg.model.class_conditional
+
+    def generate(params, labels, key):
+        net = lambda x, t, y: apply_fn(params, x, t, y)
+        if conditional and s.guidance_scale != 1.0:
+            net = sampling.classifier_free_guidance(
+                net, s.guidance_scale, null_label=num_classes, learned_variance=learned
+            )
+        model_fn = sampling.bind_condition(net, labels)
+        shape = (labels.shape[0] if labels is not None else s.batch_size, *image_shape)
+        x = sampling.sample(
+            model_fn,
+            sched,
+            shape,
+            key,
+            sampler=s.sampler,
+            num_steps=s.num_steps or None,
+            prediction=d.prediction,
+            var_type=d.var_type,
+            eta=s.eta,
+            clip_x0=s.clip_x0 or None,
+        )
+        return jnp.clip(x, -1.0, 1.0)
+
+    return jax.jit(generate)
+
+
+def generate_many(generate, params, num: int, batch_size: int, num_classes, key, label=-1):
+    """Draw ``num`` samples in batches of ``batch_size``; returns (images, labels) as numpy.
+
+    Every call has the same batch size (the last batch's labels are padded), so the sampler
+    compiles once.
+    """
+    labels = sample_labels(num, num_classes, label)
+    images = []
+    for i, start in enumerate(range(0, num, batch_size)):
+        batch_labels = None
+        if labels is not None:
+            chunk = labels[start : start + batch_size]
+            batch_labels = jnp.asarray(np.resize(chunk, batch_size) if chunk.size < batch_size else chunk)
+        out = generate(params, batch_labels, jax.random.fold_in(key, i))
+        images.append(np.asarray(out)[: min(batch_size, num - start)])
+    return np.concatenate(images), labels

@@ -1,0 +1,165 @@
+"""Device mesh, shardings and multi-host start-up.
+
+One mesh with two axes serves every model:
+
+- ``data``: data parallelism; parameters are replicated along it.
+- ``fsdp``: fully sharded data parallelism; parameters and optimizer state are split along it
+  (by the train code), and the batch is split along it too, so every device sees its own rows.
+
+The batch is therefore sharded over both axes, ``P(('data', 'fsdp'))``: a global batch of B rows
+puts B / (data * fsdp) rows on each device. Each process loads only the rows its own devices
+hold (``process_rows``) and ``host_to_global`` stitches the per-process pieces into one global
+``jax.Array`` without moving data between hosts.
+
+Mesh axes are ``AxisType.Auto`` (the classic ``jax.jit`` sharding propagation), set explicitly
+because ``jax.make_mesh`` defaults to explicit axes in recent jax releases.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A ``('data', 'fsdp')`` mesh of ``data * fsdp`` devices.
+
+    Args:
+      data: size of the data axis; -1 takes all devices left after ``fsdp``.
+      fsdp: size of the fsdp axis (1 = plain data parallelism).
+      devices: the devices to use (default ``jax.devices()``, all processes' devices).
+
+    Raises:
+      ValueError: when the sizes are not positive or do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if n == 0:
+        raise ValueError("make_mesh: no devices given")
+    if not isinstance(fsdp, int) or fsdp < 1:
+        raise ValueError(f"make_mesh: fsdp must be a positive int, got {fsdp!r}")
+    if not isinstance(data, int) or (data < 1 and data != -1):
+        raise ValueError(f"make_mesh: data must be a positive int or -1, got {data!r}")
+    if data == -1:
+        if n % fsdp:
+            raise ValueError(
+                f"make_mesh: fsdp={fsdp} does not divide the device count {n}; "
+                f"choose fsdp among the divisors of {n}"
+            )
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(
+            f"make_mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} devices "
+            f"are available; use data=-1 to take all remaining devices"
+        )
+    # create_device_mesh orders devices for fast collectives (TPU torus, GPU ids); on CPU it
+    # keeps jax.devices() order, which lists each process's devices together.
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices)  # (data, fsdp)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over ``('data', 'fsdp')``; other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_global_batch(mesh: Mesh, global_batch: int) -> None:
+    """Raise ValueError unless ``global_batch`` splits evenly over the mesh's devices."""
+    if not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
+        raise ValueError(f"global_batch must be a positive int, got {global_batch!r}")
+    if global_batch % mesh.size:
+        raise ValueError(
+            f"global_batch={global_batch} is not divisible by the {mesh.size} devices of the "
+            f"mesh {dict(mesh.shape)}; each device must get the same number of rows"
+        )
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """Global batch positions this process's devices hold, in increasing order, shape (rows,).
+
+    This is the order ``jax.make_array_from_process_local_data`` expects local data in. With the
+    meshes of ``make_mesh`` it is the contiguous block ``[p * B / P, (p + 1) * B / P)``.
+    """
+    check_global_batch(mesh, global_batch)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    rows = set()
+    for (row_slice,) in index_map.values():
+        rows.update(range(*row_slice.indices(global_batch)))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def host_to_global(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded by ``batch_sharding(mesh)``.
+
+    Every process calls this with its own rows (those of ``process_rows``), all with the same
+    leading size; the global batch has ``rows * process_count`` rows (``make_mesh`` meshes use
+    every device, so each process holds the same share).
+    """
+    sharding = batch_sharding(mesh)
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    out = {}
+    for key, value in host_batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ValueError(f"host_to_global: '{key}' is a scalar; batch fields need a row axis")
+        if value.shape[0] % local_devices:
+            raise ValueError(
+                f"host_to_global: '{key}' has {value.shape[0]} rows, not divisible by this "
+                f"process's {local_devices} devices"
+            )
+        global_rows = value.shape[0] // local_devices * mesh.size
+        global_shape = (global_rows,) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool | None = None,
+) -> bool:
+    """Start multi-host JAX when asked to; otherwise do nothing. Returns whether it is running.
+
+    Call it first thing, before any other JAX call. It calls ``jax.distributed.initialize``:
+
+    - with the given arguments, when any is given or ``JAX_COORDINATOR_ADDRESS`` is set (jax
+      reads ``JAX_COORDINATOR_ADDRESS``; the process count and id come from the arguments,
+      ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or jax's cluster detection);
+    - with no arguments (jax detects SLURM, Open MPI, Kubernetes, Cloud TPU ...), when
+      ``auto=True`` or the environment variable ``DIFFUSAX_DISTRIBUTED`` is ``1``/``true``;
+    - not at all otherwise: a single process, which needs no set-up.
+
+    Calling it again after a successful start is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    explicit = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if auto is None:
+        auto = env.get("DIFFUSAX_DISTRIBUTED", "").strip().lower() in ("1", "true", "yes")
+    if not (explicit or num_processes is not None or process_id is not None or auto):
+        return False
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    return True

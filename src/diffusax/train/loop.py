@@ -1,0 +1,304 @@
+"""The one training loop: every method and model runs through ``train``.
+
+config -> mesh -> data -> model (eval_shape, then jit with out_shardings) -> loss -> jitted,
+donated step -> Orbax checkpoints -> EMA sample grids, TensorBoard scalars, a loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from diffusax import checkpoint, data, methods, models, parallel
+from diffusax import config as config_lib
+from diffusax.evaluate import images as image_io
+from diffusax.train import optim
+from diffusax.train.state import (
+    abstract_train_state,
+    create_train_state,
+    model_builder,
+    model_graphdef,
+)
+from diffusax.train.step import make_train_step
+
+log = logging.getLogger("diffusax")
+
+# Exit statuses of `diffusax.main --mode=train` after a signal: the state was saved first.
+EXIT_SIGTERM = 143  # 128 + SIGTERM: preempted, resume by running the same command
+EXIT_SIGINT = 130  # 128 + SIGINT (Ctrl-C)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the message names the step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: object  # the final TrainState
+    graphdef: object
+    losses: dict  # step -> loss, for the steps this process ran
+    stopped_by: int | None  # the signal number that ended the run early, or None
+    start_step: int
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop finishes the step in hand, saves, and returns."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signal_handlers(flag):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be caught on the main thread
+        return
+    previous = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def setup(cfg, *, devices=None):
+    """Everything a run needs, checked before compiling: mesh, data source, schedule, model."""
+    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=devices)
+    source = data.load_source(
+        cfg.data.name,
+        cfg.data.train_split,
+        cfg.data.data_dir or None,
+        image_key=cfg.data.image_key,
+        label_key=cfg.data.label_key or None,
+    )
+    info = source.info
+    config_lib.check_runtime(cfg, info.image_shape, info.num_classes, mesh.size)
+    num_classes = info.num_classes if cfg.model.class_conditional else None
+    build = model_builder(cfg, tuple(info.image_shape), num_classes)
+    return mesh, source, build, num_classes
+
+
+def _shardings(abstract, mesh):
+    # Data parallelism: every parameter and optimizer moment is replicated over the mesh.
+    repl = parallel.replicated(mesh)
+    return jax.tree.map(lambda _: repl, abstract)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def train(cfg, workdir: str, *, devices=None) -> TrainResult:
+    """Train (or resume) the experiment ``cfg`` in ``workdir`` until ``cfg.train.num_steps``."""
+    config_lib.validate(cfg)
+    mesh, source, build, num_classes = setup(cfg, devices=devices)
+    image_shape = tuple(source.info.image_shape)
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise PermissionError(f"workdir {workdir!r} is not writable")
+
+    sched = methods.make_schedule(cfg)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+    init_key = jax.random.key(cfg.seed)
+    abstract = abstract_train_state(build, optimizer, init_key)
+    shardings = _shardings(abstract, mesh)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=cfg.train.checkpoint_every,
+        keep=cfg.train.keep_checkpoints,
+        async_save=cfg.train.async_checkpoint,
+    )
+    digest = config_lib.digest_fields(cfg)
+    restored = ckpt.restore(_with_shardings(abstract, shardings))
+    if restored is not None:
+        _check_same_model(restored.extra.get("model_config", {}), digest, restored.step, ckpt)
+        state = restored.state
+        log.info("resumed from step %d", restored.step)
+    else:
+        state = create_train_state(build, optimizer, init_key, shardings)
+    graphdef = model_graphdef(build, init_key)
+    apply_fn = models.make_apply_fn(graphdef)
+
+    loss_fn = methods.make_loss(cfg, apply_fn, sched, num_classes)
+    step_fn = make_train_step(
+        loss_fn,
+        optimizer,
+        ema_decay=cfg.optim.ema_decay,
+        seed=cfg.seed,
+        skip_nonfinite=cfg.train.nonfinite == "skip",
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    start = int(jax.device_get(state.step))
+    loader = data.Loader(
+        source, mesh, cfg.train.batch_size, cfg.seed, random_flip=cfg.data.random_flip, step=start
+    )
+    generate = methods.make_generate(
+        cfg, apply_fn, sched, num_classes, image_shape, sample_cfg=_grid_sample_cfg(cfg)
+    )
+    writer = _Writer(workdir) if jax.process_index() == 0 else None
+    flag = _StopFlag()
+    losses: dict[int, float] = {}
+    pending = None  # (step, metrics) of the previous step, checked one step late
+    bad_in_a_row = 0
+    t_start, steps_done = time.time(), 0
+    progress = _progress(cfg, start)
+
+    def save(state, force):
+        extra = {"data": loader.state(), "model_config": digest}
+        return ckpt.save(int(jax.device_get(state.step)), state, extra, force=force)
+
+    def check(step, metrics):
+        nonlocal bad_in_a_row
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            if cfg.train.nonfinite == "abort":
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {step} (loss={metrics['loss']}); "
+                    f"stopping. The last checkpoint is intact; set train.nonfinite='skip' to "
+                    f"skip such steps"
+                )
+            if int(metrics["bad_steps"]) >= cfg.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{int(metrics['bad_steps'])} non-finite steps in a row, the last at step "
+                    f"{step} (train.max_bad_steps={cfg.train.max_bad_steps}); stopping"
+                )
+            log.warning("step %d: non-finite loss, update skipped", step)
+        losses[step] = float(metrics["loss"])
+        return metrics
+
+    try:
+        with _signal_handlers(flag):
+            for step in range(start, cfg.train.num_steps):
+                batch = next(loader)
+                state, metrics = train_step(state, batch)
+                if pending is not None:
+                    _log(cfg, writer, progress, pending[0], check(*pending), t_start, steps_done)
+                pending = (step, metrics)
+                steps_done += 1
+                last = step + 1 == cfg.train.num_steps
+                if (step + 1) % cfg.train.checkpoint_every == 0 or last or flag.signum:
+                    check(*pending)
+                    save(state, force=last or bool(flag.signum))
+                if writer and cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
+                    _write_grid(cfg, generate, state, num_classes, workdir, step + 1)
+                if flag.signum:
+                    log.warning("signal %d: saved step %d, exiting", flag.signum, step + 1)
+                    break
+            if pending is not None:
+                _log(cfg, writer, progress, pending[0], check(*pending), t_start, steps_done)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        loader.close()
+        if progress is not None:
+            progress.close()
+    if writer and not flag.signum and steps_done:
+        _write_grid(cfg, generate, state, num_classes, workdir, None)
+        writer.finish(workdir)
+    elif writer:
+        writer.close()
+    return TrainResult(state, graphdef, losses, flag.signum, start)
+
+
+def _check_same_model(saved: dict, current: dict, step: int, ckpt) -> None:
+    changed = {k for k in set(saved) | set(current) if saved.get(k) != _jsonable(current.get(k))}
+    if saved and changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed))
+        raise checkpoint.CheckpointMismatchError(
+            f"checkpoint {ckpt.step_path(step)} was written for another model ({details}); "
+            f"use another workdir or restore the original model config"
+        )
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _grid_sample_cfg(cfg):
+    s = cfg.sample.copy_and_resolve_references()
+    with s.unlocked():
+        s.batch_size = cfg.train.grid_samples
+    return s
+
+
+def _write_grid(cfg, generate, state, num_classes, workdir, step):
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
+    images, _ = methods.generate_many(
+        generate, state.ema.params, cfg.train.grid_samples, cfg.train.grid_samples, num_classes, key
+    )
+    ncols = num_classes if num_classes and cfg.train.grid_samples % num_classes == 0 else None
+    name = "grid.png" if step is None else f"grid_{step:08d}.png"
+    path = image_io.save_grid(os.path.join(workdir, "samples", name), images, ncols)
+    log.info("wrote %s", path)
+
+
+def _progress(cfg, start):
+    if not cfg.train.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.num_steps, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _log(cfg, writer, progress, step, metrics, t_start, steps_done):
+    if progress is not None:
+        progress.update(1)
+        if step % 10 == 0:
+            progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    if writer is None:
+        return
+    writer.losses.append((step, float(metrics["loss"])))
+    if (step + 1) % cfg.train.log_every == 0:
+        rate = steps_done / max(time.time() - t_start, 1e-9)
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        scalars["steps_per_sec"] = rate
+        writer.scalars(step + 1, scalars)
+
+
+class _Writer:
+    """TensorBoard event files (tensorboardX: no TensorFlow needed) and a metrics.jsonl."""
+
+    def __init__(self, workdir):
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.losses = []
+
+    def scalars(self, step, values):
+        for name, value in values.items():
+            self.tb.add_scalar(f"train/{name}", value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def finish(self, workdir):
+        if self.losses:
+            steps, values = zip(*self.losses)
+            image_io.save_loss_curve(os.path.join(workdir, "loss.png"), steps, values)
+        self.close()
+
+    def close(self):
+        self.tb.close()
+        self.jsonl.close()
