@@ -21,3 +21,21 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+RUN := $(PY) -m diffusax.main --config=experiments/$(EXP).py --workdir=$(WORKDIR)
+
+# Train the experiment EXP (default: the bundled digits). Resumes from WORKDIR if it holds a run.
+train: $(VENV)/.installed
+	$(RUN) --mode=train $(ARGS)
+
+# Draw samples from the trained EMA model: WORKDIR/samples/samples.npz and a grid PNG.
+sample: $(VENV)/.installed
+	$(RUN) --mode=sample $(ARGS)
+
+# Sample quality (Fréchet distance in a digits classifier's features) and bits per dimension.
+eval: $(VENV)/.installed
+	$(RUN) --mode=eval $(ARGS)
+
+# What a run would use: parameters, FLOPs, mesh, dataset, method and sampler. Trains nothing.
+info: $(VENV)/.installed
+	$(RUN) --mode=info $(ARGS)

@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.data.name = "digits"
     c.data.num_levels = 17  # the digits' pixels take the values 0..16
 
-    c.model.ch = 64
+    c.model.ch = 32
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks = 2
     c.model.attn_resolutions = (4,)
@@ -31,11 +31,14 @@ def get_config(arg=None):
     c.optim.ema_decay = 0.999
 
     c.train.batch_size = 128
-    c.train.num_steps = 3000
+    c.train.num_steps = 1800  # ~0.3 s a step on 2 CPU cores: under 10 minutes
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.grid_samples = 100
 
+    # DDIM with 100 steps: 1000 samples in about a minute and a half on 2 CPU cores.
+    c.sample.sampler = "ddim"
+    c.sample.num_steps = 100
     c.sample.num_samples = 1000
     c.sample.batch_size = 1000
     c.sample.guidance_scale = 1.5
@@ -45,4 +48,4 @@ def get_config(arg=None):
 def runlocal(c):
     """`--config.runlocal=True`: a few steps, to check that everything runs."""
     shrink_for_runlocal(c)
-    c.model.ch = 32
+    c.model.ch = 16

@@ -22,6 +22,10 @@ import ml_collections
 from diffusax import diffusion, schedules
 
 EXPERIMENTS_DIR = "experiments"
+# experiments/ of the source checkout (src/diffusax/config.py -> ../../experiments).
+_CHECKOUT_EXPERIMENTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), EXPERIMENTS_DIR
+)
 
 # Fields whose value must be one of a few names.
 CHOICES = {
@@ -67,7 +71,7 @@ class ConfigError(ValueError):
 
 
 def _base_config() -> ml_collections.ConfigDict:
-    return _load_module(os.path.join(EXPERIMENTS_DIR, "base.py")).get_base_config()
+    return _load_module(experiment_path("base")).get_base_config()
 
 
 def _load_module(path: str):
@@ -84,10 +88,16 @@ def _load_module(path: str):
 
 
 def experiment_path(name_or_path: str) -> str:
-    """`ddpm_digits` -> `experiments/ddpm_digits.py`; a path is returned as it is."""
+    """`ddpm_digits` -> `experiments/ddpm_digits.py`; a path is returned as it is.
+
+    A bare name is looked up in ./experiments, then in the checkout diffusax was installed
+    from (so notebooks and scripts run from any directory find the bundled experiments).
+    """
     if name_or_path.endswith(".py"):
         return name_or_path
-    return os.path.join(EXPERIMENTS_DIR, f"{name_or_path}.py")
+    local = os.path.join(EXPERIMENTS_DIR, f"{name_or_path}.py")
+    checkout = os.path.join(_CHECKOUT_EXPERIMENTS, f"{name_or_path}.py")
+    return local if os.path.exists(local) or not os.path.exists(checkout) else checkout
 
 
 def load_experiment(

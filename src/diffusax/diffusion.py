@@ -245,17 +245,20 @@ def sum_flat(x):
     return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
-def vlb_term(sched: Schedule, p_mean, p_logvar, x0, xt, t, *, decoder: str = "discretized"):
+def vlb_term(
+    sched: Schedule, p_mean, p_logvar, x0, xt, t, *, decoder: str = "discretized", bins: int = 256
+):
     """One term of the bound per example, in nats summed over dimensions.
 
     t > 0 (paper's t ≥ 2): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)).
     t = 0 (paper's t = 1): L_0 = -log p_θ(x_0 | x_1), with the discretised Gaussian decoder for
-    8-bit images or ``decoder="gaussian"`` (the continuous density) for real-valued data.
+    images quantised to ``bins`` levels (256: 8 bits) or ``decoder="gaussian"`` (the continuous
+    density) for real-valued data.
     """
     q_mean, _, q_logvar = q_posterior_mean_variance(sched, x0, xt, t)
     kl = sum_flat(normal_kl(q_mean, q_logvar, p_mean, p_logvar))
     if decoder == "discretized":
-        nll = -sum_flat(discretized_gaussian_log_likelihood(x0, p_mean, p_logvar))
+        nll = -sum_flat(discretized_gaussian_log_likelihood(x0, p_mean, p_logvar, bins=bins))
     elif decoder == "gaussian":
         nll = -sum_flat(gaussian_log_likelihood(x0, p_mean, p_logvar))
     else:
@@ -279,6 +282,7 @@ def variational_bound(
     prediction: str = "eps",
     var_type: str = "fixed_large",
     decoder: str = "discretized",
+    bins: int = 256,
     clip_x0: float | None = None,
 ):
     """The full bound L = L_T + Σ_{t≥2} L_{t-1} + L_0 (Ho et al. eq. 5) for a batch x0.
@@ -298,7 +302,9 @@ def variational_bound(
         p = p_mean_variance(
             sched, model_fn(xt, t), xt, t, prediction=prediction, var_type=var_type, clip_x0=clip_x0
         )
-        return None, vlb_term(sched, p["mean"], p["logvar"], x0, xt, t, decoder=decoder)
+        return None, vlb_term(
+            sched, p["mean"], p["logvar"], x0, xt, t, decoder=decoder, bins=bins
+        )
 
     _, terms = jax.lax.scan(term, None, jnp.arange(sched.num_timesteps))
     terms = terms.T  # (B, T)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax import diffusion, losses, sampling, schedules
+from diffusax import diffusion, losses, parallel, sampling, schedules
 
 
 def make_schedule(cfg) -> schedules.Schedule:
@@ -47,11 +47,13 @@ def sample_labels(num: int, num_classes: int | None, label: int = -1):
     return (np.arange(num) % num_classes).astype(np.int32)
 
 
-def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=None):
+def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=None, mesh=None):
     """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
 
     ``sample_cfg`` (default ``cfg.sample``) chooses the sampler, its step count, η, guidance and
     x_0 clipping. Guidance runs the conditional and unconditional model in one batched call.
+    With ``mesh`` the batch is split over its devices (the batch size must divide evenly);
+    without, replicated parameters would make every device compute the whole batch.
     """
     s = sample_cfg or cfg.sample
     d = cfg.diffusion
@@ -66,6 +68,9 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
             )
         model_fn = sampling.bind_condition(net, labels)
         shape = (labels.shape[0] if labels is not None else s.batch_size, *image_shape)
+        x_T = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
+        if mesh is not None:
+            x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
         x = sampling.sample(
             model_fn,
             sched,
@@ -77,10 +82,16 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
             var_type=d.var_type,
             eta=s.eta,
             clip_x0=s.clip_x0 or None,
+            x_T=x_T,
         )
         return jnp.clip(x, -1.0, 1.0)
 
     return jax.jit(generate)
+
+
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+    """The batch size rounded up to a multiple of the device count."""
+    return -(-batch_size // num_devices) * num_devices
 
 
 def generate_many(generate, params, num: int, batch_size: int, num_classes, key, label=-1):

@@ -71,4 +71,27 @@ def make_apply_fn(graphdef):
     return apply_fn
 
 
-__all__ = ["UNet", "build_model", "check_image_shape", "count_params", "make_apply_fn"]
+def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float:
+    """FLOPs of one forward pass on one example, from XLA's cost analysis (nothing is run)."""
+    import jax
+
+    params = nnx.state(abstract_model)
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes else None
+    apply_fn = make_apply_fn(graphdef)
+    lowered = jax.jit(lambda p, x, t, y: apply_fn(p, x, t, y)).lower(params, x, t, y)
+    cost = lowered.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returns one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+__all__ = [
+    "UNet",
+    "build_model",
+    "check_image_shape",
+    "count_params",
+    "forward_flops",
+    "make_apply_fn",
+]

@@ -154,8 +154,9 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     loader = data.Loader(
         source, mesh, cfg.train.batch_size, cfg.seed, random_flip=cfg.data.random_flip, step=start
     )
+    grid_cfg = _grid_sample_cfg(cfg, mesh.size)
     generate = methods.make_generate(
-        cfg, apply_fn, sched, num_classes, image_shape, sample_cfg=_grid_sample_cfg(cfg)
+        cfg, apply_fn, sched, num_classes, image_shape, sample_cfg=grid_cfg, mesh=mesh
     )
     writer = _Writer(workdir) if jax.process_index() == 0 else None
     flag = _StopFlag()
@@ -202,7 +203,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
                     check(*pending)
                     save(state, force=last or bool(flag.signum))
                 if writer and cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
-                    _write_grid(cfg, generate, state, num_classes, workdir, step + 1)
+                    _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step + 1)
                 if flag.signum:
                     log.warning("signal %d: saved step %d, exiting", flag.signum, step + 1)
                     break
@@ -215,7 +216,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         if progress is not None:
             progress.close()
     if writer and not flag.signum and steps_done:
-        _write_grid(cfg, generate, state, num_classes, workdir, None)
+        _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, None)
         writer.finish(workdir)
     elif writer:
         writer.close()
@@ -236,17 +237,17 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _grid_sample_cfg(cfg):
+def _grid_sample_cfg(cfg, num_devices):
     s = cfg.sample.copy_and_resolve_references()
     with s.unlocked():
-        s.batch_size = cfg.train.grid_samples
+        s.batch_size = methods.padded_batch_size(cfg.train.grid_samples, num_devices)
     return s
 
 
-def _write_grid(cfg, generate, state, num_classes, workdir, step):
+def _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step):
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
     images, _ = methods.generate_many(
-        generate, state.ema.params, cfg.train.grid_samples, cfg.train.grid_samples, num_classes, key
+        generate, state.ema.params, cfg.train.grid_samples, grid_cfg.batch_size, num_classes, key
     )
     ncols = num_classes if num_classes and cfg.train.grid_samples % num_classes == 0 else None
     name = "grid.png" if step is None else f"grid_{step:08d}.png"

@@ -1,0 +1,101 @@
+"""Load a trained run's EMA parameters and draw samples from it (`--mode=sample`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from diffusax import checkpoint, methods, models
+from diffusax.evaluate import images as image_io
+from diffusax.train import loop, optim
+from diffusax.train.state import abstract_train_state, model_graphdef
+
+
+@dataclasses.dataclass
+class Trained:
+    """What sampling and evaluation need from a finished (or running) training run."""
+
+    cfg: object
+    mesh: object
+    apply_fn: object
+    params: dict  # the EMA parameters
+    step: int
+    num_classes: int | None
+    image_shape: tuple
+    sched: object
+
+
+def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
+    """Restore the latest checkpoint of ``workdir``; a clear error when there is none."""
+    mesh, source, build, num_classes = loop.setup(cfg, devices=devices)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+    key = jax.random.key(cfg.seed)
+    abstract = abstract_train_state(build, optimizer, key)
+    shardings = loop._shardings(abstract, mesh)
+    with checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=10**9, async_save=False) as ckpt:
+        restored = ckpt.restore(loop._with_shardings(abstract, shardings))
+    if restored is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}; train first: make train EXP={cfg.name} "
+            f"(or pass the run's WORKDIR=)"
+        )
+    graphdef = model_graphdef(build, key)
+    return Trained(
+        cfg=cfg,
+        mesh=mesh,
+        apply_fn=models.make_apply_fn(graphdef),
+        params=restored.state.ema.params,
+        step=restored.step,
+        num_classes=num_classes,
+        image_shape=tuple(source.info.image_shape),
+        sched=methods.make_schedule(cfg),
+    )
+
+
+def draw_samples(trained: Trained, num: int, key, *, sample_cfg=None, label: int | None = None):
+    """``num`` samples as ([-1, 1] float images, labels or None) with ``cfg.sample`` settings."""
+    s = (sample_cfg or trained.cfg.sample).copy_and_resolve_references()
+    with s.unlocked():
+        s.batch_size = methods.padded_batch_size(min(s.batch_size, num), trained.mesh.size)
+    generate = methods.make_generate(
+        trained.cfg,
+        trained.apply_fn,
+        trained.sched,
+        trained.num_classes,
+        trained.image_shape,
+        sample_cfg=s,
+        mesh=trained.mesh,
+    )
+    return methods.generate_many(
+        generate,
+        trained.params,
+        num,
+        s.batch_size,
+        trained.num_classes,
+        key,
+        s.label if label is None else label,
+    )
+
+
+def sample_to_disk(cfg, workdir: str) -> str:
+    """`--mode=sample`: write samples/samples.npz (uint8 NHWC `images`, `labels`) and a grid."""
+    trained = load_trained(cfg, workdir)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)
+    images, labels = draw_samples(trained, cfg.sample.num_samples, key)
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    arrays = {"images": image_io.to_uint8(images)}
+    if labels is not None:
+        arrays["labels"] = labels
+    path = os.path.join(out_dir, "samples.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
+    n_grid = min(len(images), 100)
+    ncols = trained.num_classes if trained.num_classes and n_grid % trained.num_classes == 0 else None
+    image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:n_grid], ncols)
+    return path

@@ -1,0 +1,104 @@
+"""Command line: train, sample, evaluate or describe an experiment.
+
+    python -m diffusax.main --config=experiments/ddpm_digits.py --workdir=runs/ddpm_digits \\
+        --mode=train [--config.train.num_steps=500 ...]
+
+The Makefile wraps it: `make train|sample|eval|info EXP=NAME [WORKDIR=...] [ARGS='--config.a=b']`.
+Exit status: 0 done, 2 bad config or input, 143 after SIGTERM and 130 after Ctrl-C (the state
+was saved first: run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusax import config as config_lib
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file (experiments/NAME.py)")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, samples and logs")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "info"], "what to do")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def describe_run(cfg) -> str:
+    """`make info`: what a run would use, without training."""
+    import jax
+
+    from diffusax import models
+    from diffusax.train import loop
+    from diffusax.train.state import model_graphdef
+
+    mesh, source, build, num_classes = loop.setup(cfg)
+    info = source.info
+    key = jax.random.key(cfg.seed)
+    abstract_model = __import__("flax").nnx.eval_shape(lambda: build(key))
+    n_params = models.count_params(abstract_model)
+    flops = models.forward_flops(model_graphdef(build, key), abstract_model, info.image_shape, num_classes)
+    lines = [
+        f"experiment: {cfg.name}",
+        f"method: {cfg.method}  (prediction={cfg.diffusion.prediction}, var_type="
+        f"{cfg.diffusion.var_type}, T={cfg.diffusion.num_timesteps}, {cfg.diffusion.schedule} betas)",
+        f"model: {cfg.model.name}",
+        f"parameters: {n_params}",
+        f"forward GFLOPs: {flops / 1e9:.4f}  (per example)",
+        f"forward GMACs: {flops / 2e9:.4f}",
+        f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s)",
+        f"dataset: {info.name} [{info.split}] {info.num_examples} examples, images "
+        f"{tuple(info.image_shape)} {info.dtype}, classes {info.num_classes}",
+        f"batch: {cfg.train.batch_size} global, {cfg.train.num_steps} steps",
+        f"sampler: {cfg.sample.sampler}, {cfg.sample.num_steps or cfg.diffusion.num_timesteps} "
+        f"steps, guidance {cfg.sample.guidance_scale}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("diffusax").setLevel(logging.INFO)
+    try:
+        cfg = config_lib.finalize(
+            _CONFIG.value,
+            config_flags.get_config_filename(FLAGS["config"]),
+            config_flags.get_override_values(FLAGS["config"]),
+        )
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from diffusax import parallel
+
+    parallel.initialize_distributed()
+    try:
+        if FLAGS.mode == "info":
+            print(describe_run(cfg))
+        elif FLAGS.mode == "train":
+            from diffusax.train import loop
+
+            result = loop.train(cfg, FLAGS.workdir)
+            if result.stopped_by is not None:
+                return loop.EXIT_SIGTERM if result.stopped_by == 15 else loop.EXIT_SIGINT
+        elif FLAGS.mode == "sample":
+            from diffusax import inference
+
+            print(f"wrote {inference.sample_to_disk(cfg, FLAGS.workdir)}")
+        elif FLAGS.mode == "eval":
+            from diffusax.evaluate import run as eval_run
+
+            print(eval_run.format_report(eval_run.evaluate(cfg, FLAGS.workdir)))
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()
