@@ -210,7 +210,9 @@ class Classifier:
 
 def read_all(source, chunk: int = 4096) -> dict[str, np.ndarray]:
     """Every example of a source, read in chunks: {'image': (N, H, W, C), 'label': (N,)}."""
-    parts = [source.read(np.arange(s, min(s + chunk, len(source)))) for s in range(0, len(source), chunk)]
+    parts = [
+        source.read(np.arange(s, min(s + chunk, len(source)))) for s in range(0, len(source), chunk)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
