@@ -84,21 +84,45 @@ _EMBEDDER_KEYS = (
 )
 
 
+# Fields of the older, generic `Transformer2DModel` class, under which the public DiT checkpoints
+# were saved (diffusers now loads such a config as a DiTTransformer2DModel), with the values that
+# describe a DiT. interpolation_scale is checked separately.
+_LEGACY_VALUES: dict[str, tuple] = {
+    "cross_attention_dim": (None,),
+    "num_vector_embeds": (None,),
+    "only_cross_attention": (False,),
+    "double_self_attention": (False,),
+    "attention_type": ("default",),
+    "caption_channels": (None,),
+    "use_additional_conditions": (None, False),
+    "use_linear_projection": (False, True),  # unused with patch inputs
+}
+_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
+
+
 def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """Map a diffusers DiTTransformer2DModel config (config.json as a dict) to `DiT(**kwargs)`.
 
-    Raises ValueError naming any field or value that our DiT cannot represent.
+    Also takes the legacy `Transformer2DModel` configs of the public DiT checkpoints. Raises
+    ValueError naming any field or value that our DiT cannot represent.
     """
-    name = config.get("_class_name", "DiTTransformer2DModel")
-    if name not in ("DiTTransformer2DModel", "Transformer2DModel"):
-        raise ValueError(f"_class_name must be DiTTransformer2DModel, got {name!r}")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    name = config.get("_class_name", _CLASS_NAMES[0])
+    if name not in _CLASS_NAMES:
+        raise ValueError(f"_class_name must be one of {list(_CLASS_NAMES)}, got {name!r}")
+    known = set(_DIFFUSERS_DEFAULTS)
+    if name == "Transformer2DModel":
+        known |= {*_LEGACY_VALUES, "interpolation_scale"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
-        raise ValueError(f"unsupported DiTTransformer2DModel config fields: {unknown}")
+        raise ValueError(f"unsupported {name} config fields: {unknown}")
     cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    for field, allowed in _REQUIRED_VALUES.items():
-        if cfg[field] not in allowed:
-            raise ValueError(f"unsupported {field}={cfg[field]!r}; supported: {list(allowed)}")
+    required = {**_REQUIRED_VALUES, **(_LEGACY_VALUES if name == "Transformer2DModel" else {})}
+    for field, allowed in required.items():
+        value = cfg.get(field, allowed[0])  # a legacy field left out has its benign default
+        if value not in allowed:
+            raise ValueError(f"unsupported {field}={value!r}; supported: {list(allowed)}")
+    if cfg.get("patch_size") is None:
+        raise ValueError("patch_size=None: not a patch-based (DiT) transformer")
     in_channels = cfg["in_channels"]
     out_channels = in_channels if cfg["out_channels"] is None else cfg["out_channels"]
     if out_channels not in (in_channels, 2 * in_channels):
@@ -113,6 +137,13 @@ def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         if len(set(size)) != 1:
             raise ValueError(f"sample_size={size}: only square inputs are supported")
         size = size[0]
+    # Transformer2DModel rescales positions by interpolation_scale, None meaning
+    # max(sample_size // 64, 1); DiTTransformer2DModel always uses 1, as the reference.
+    scale = cfg.get("interpolation_scale")
+    if scale is None:
+        scale = max(size // 64, 1) if name == "Transformer2DModel" else 1
+    if scale != 1:
+        raise ValueError(f"unsupported interpolation_scale={scale} (effective); need 1")
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     return {
         "depth": cfg["num_layers"],

@@ -263,6 +263,17 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(layer_norm(x, 1e-6), shift, scale))  # (B, T, p*p*out)
 
 
+def _make_block_stack(depth: int, hidden: int, heads: int, *, rngs: nnx.Rngs, **kwargs):
+    """`depth` independently initialised DiTBlocks as one module with stacked parameters."""
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> DiTBlock:
+        return DiTBlock(hidden, heads, rngs=rngs, **kwargs)
+
+    return make(rngs)
+
+
 def _apply_block(graphdef, params, h, c):
     """One block as a pure function of its parameters (for scan and remat)."""
     return nnx.merge(graphdef, params)(h, c)
@@ -344,27 +355,26 @@ class DiT(nnx.Module):
             if num_classes is not None
             else None
         )
-        blocks = [
-            DiTBlock(
-                d,
-                self.heads,
-                mlp_ratio=mlp_ratio,
-                norm_eps=norm_eps,
-                mlp_norm_eps=norm_eps if mlp_norm_eps is None else mlp_norm_eps,
-                fused_attention=fused_attention,
-                dtype=dtype,
-                rngs=rngs,
-            )
-            for _ in range(self.depth)
-        ]
+        block_kwargs = dict(
+            mlp_ratio=mlp_ratio,
+            norm_eps=norm_eps,
+            mlp_norm_eps=norm_eps if mlp_norm_eps is None else mlp_norm_eps,
+            fused_attention=fused_attention,
+            dtype=dtype,
+        )
+        # The blocks are always drawn as one stack (leading axis = depth, one vmapped init that
+        # traces a single block), so the same Rngs give the same weights in either layout.
+        stacked = _make_block_stack(self.depth, d, self.heads, rngs=rngs, **block_kwargs)
         if scan_blocks:
-            # One block module whose parameters carry a leading (depth,) axis. The blocks are
-            # drawn one by one, so the same Rngs give the same weights in either layout.
-            graphdef, _ = nnx.split(blocks[0])
-            states = [nnx.state(block) for block in blocks]
-            self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+            self.blocks = stacked
         else:
-            self.blocks = nnx.List(blocks)
+            graphdef, state = nnx.split(stacked)
+            self.blocks = nnx.List(
+                [
+                    nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                    for i in range(self.depth)
+                ]
+            )
         self.final_layer = FinalLayer(d, p * p * self.out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(
@@ -395,7 +405,9 @@ class DiT(nnx.Module):
         return unpatchify(h, self.patch, height, width).astype(jnp.float32)  # (B, H, W, out)
 
     def _run_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
-        apply = jax.checkpoint(_apply_block, static_argnums=(0,)) if self.remat else _apply_block
+        apply = _apply_block
+        if self.remat:  # inside scan, CSE cannot undo the recomputation (JAX's advice)
+            apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not self.scan_blocks)
         if self.scan_blocks:
             graphdef, params = nnx.split(self.blocks)
 
