@@ -7,11 +7,12 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
-from diffusax import config, data
+from diffusax import config, data, diffusion, inference, methods, parallel
 from diffusax.evaluate import classifier as classifier_lib
 from diffusax.evaluate import frechet, run
 
@@ -147,8 +148,13 @@ def test_classifier_cache_is_reused_and_a_changed_fingerprint_retrains(
     shutil.copy(path, copy)
     other = classifier_lib.load_or_train(train, test, copy, steps=10, seed=0)
     assert other.retrained
-    assert classifier_lib.load_or_train(train, test, copy, steps=10, seed=0).retrained is False
+    cached = classifier_lib.load_or_train(train, test, copy, steps=10, seed=0)
+    assert not cached.retrained
     assert os.listdir(tmp_path) == ["classifier_digits.npz"]  # no temporary file left
+
+    # Training is deterministic given the seed.
+    _, params = classifier_lib.train_classifier(train, steps=10, seed=0)
+    jax.tree.map(np.testing.assert_array_equal, params, cached.params)
 
 
 def test_classifier_needs_labels(digits_sources, tmp_path):
@@ -219,13 +225,17 @@ TINY = {
 }
 
 
+# One device: compiling the U-Net for the 8-device mesh costs ~20 s more on 2 shared cores.
+DEVICES = 1
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, trained_classifier):
     from diffusax.train import loop
 
     cfg = config.load_experiment("ddpm_digits", overrides=TINY)
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    loop.train(cfg, workdir)
+    loop.train(cfg, workdir, devices=jax.devices()[:DEVICES])
     # The classifier trained above has this config's fingerprint: evaluate must reuse it.
     os.makedirs(os.path.join(workdir, "eval"))
     shutil.copy(trained_classifier[1], os.path.join(workdir, "eval", "classifier_digits.npz"))
@@ -234,7 +244,7 @@ def tiny_run(tmp_path_factory, trained_classifier):
 
 def test_evaluate_end_to_end_writes_finite_metrics(tiny_run, trained_classifier):
     cfg, workdir = tiny_run
-    metrics = run.evaluate(cfg, workdir)
+    metrics = run.evaluate(cfg, workdir, devices=jax.devices()[:DEVICES])
     path = os.path.join(workdir, "eval", "metrics.json")
     with open(path) as f:
         written = json.load(f)
@@ -267,33 +277,51 @@ def test_evaluate_end_to_end_writes_finite_metrics(tiny_run, trained_classifier)
     report = run.format_report(metrics)
     assert f"{metrics['fd_samples']:.3f}" in report and "bits/dim" in report
 
-    # A config that cannot work fails before anything is written; metrics.json stays.
+    # A config that cannot work (changed after validation) fails before anything is written.
     before = open(path).read()
-    bad = config.load_experiment("ddpm_digits", overrides={**TINY, "eval.bpd_examples": -1})
+    bad = cfg.copy_and_resolve_references()
+    bad.eval.bpd_examples = -1
     with pytest.raises(ValueError, match=r"eval\.bpd_examples"):
-        run.evaluate(bad, workdir)
+        run.evaluate(bad, workdir, devices=jax.devices()[:DEVICES])
     assert open(path).read() == before
 
 
-def test_bits_per_dim_padding_and_labels(tiny_run):
-    """Padding the last batch does not change the real rows, and the labels reach the model."""
-    from diffusax import inference
-
-    cfg, workdir = tiny_run
-    trained = inference.load_trained(cfg, workdir)
-    test = data.load_source("digits", "test").read(np.arange(16))
+def test_bits_per_dim_batches_pads_and_passes_labels():
+    """``bits_per_dim`` equals ``variational_bound`` called on each batch (key fold_in(key, i)):
+    the padding of the last batch does not leak into the real rows, and the true labels reach a
+    conditional model (here a small closed-form network whose ε̂ depends on the label)."""
+    cfg = config.load_experiment("ddpm_digits", overrides=TINY)
+    sched = methods.make_schedule(cfg)
+    mesh = parallel.make_mesh()  # 8 devices: batches are padded to multiples of 8
+    apply_fn = lambda params, x, t, y: params["w"] * x + 0.05 * y[:, None, None, None]
+    trained = inference.Trained(
+        cfg, mesh, apply_fn, {"w": jnp.float32(0.3)}, 0, 10, (8, 8, 1), sched
+    )
+    rows = data.load_source("digits", "test").read(np.arange(13))
+    images, labels = rows["image"], rows["label"]
     key = jax.random.key(0)
-    bound = run.make_bound_fn(trained)
-    full = run.bits_per_dim(trained, test["image"], test["label"], key, bound=bound)
-    part = run.bits_per_dim(trained, test["image"][:10], test["label"][:10], key, bound=bound)
-    assert full.shape == (16,) and part.shape == (10,)
-    np.testing.assert_allclose(part, full[:10], rtol=1e-5)
-    other = run.bits_per_dim(trained, test["image"], (test["label"] + 1) % 10, key, bound=bound)
-    assert not np.allclose(other, full)
+    bpd = run.bits_per_dim(trained, images, labels, key, batch_size=8)  # batches of 8 and 5 + 3
+
+    @jax.jit
+    def direct(x, y, i):
+        model_fn = lambda xt, t: apply_fn(trained.params, xt, t, y)
+        return diffusion.variational_bound(
+            sched, model_fn, x, jax.random.fold_in(key, i), bins=17, clip_x0=1.0
+        )["bpd"]
+
+    padded = np.concatenate([images[8:], np.repeat(images[-1:], 3, axis=0)])
+    padded_labels = np.concatenate([labels[8:], np.repeat(labels[-1:], 3)])
+    expected = np.concatenate(
+        [direct(images[:8], labels[:8], 0), direct(padded, padded_labels, 1)[:5]]
+    )
+    assert bpd.shape == (13,)
+    np.testing.assert_allclose(bpd, expected, rtol=1e-5)
+    other = run.bits_per_dim(trained, images, (labels + 1) % 10, key, batch_size=8)
+    assert np.min(np.abs(other - bpd)) > 1e-3
 
 
 def test_evaluate_without_a_checkpoint_is_a_clear_error(tmp_path):
     cfg = config.load_experiment("ddpm_digits", overrides=TINY)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        run.evaluate(cfg, str(tmp_path))
+        run.evaluate(cfg, str(tmp_path), devices=jax.devices()[:DEVICES])
     assert not os.path.exists(tmp_path / "eval" / "metrics.json")

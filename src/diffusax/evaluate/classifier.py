@@ -124,7 +124,7 @@ def train_classifier(train_source, *, steps: int, seed: int, batch_size: int = B
 
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(seed)
-    key = jax.random.key(seed)
+    key = jax.random.fold_in(jax.random.key(seed), 1)  # the shifts' stream, not the init's
     n = len(train_source)
     batch_size = min(batch_size, n)
     order, pos = rng.permutation(n), 0
@@ -196,6 +196,15 @@ class Classifier:
     def features(self, images) -> np.ndarray:
         """Penultimate-layer activations, float32 (N, FEATURE_DIM)."""
         return self._batched(self._features, images)
+
+    def source_features(self, source, chunk: int = 4096) -> np.ndarray:
+        """Features of every example of a source (N, FEATURE_DIM), read a chunk at a time."""
+        return np.concatenate(
+            [
+                self.features(source.read(np.arange(s, min(s + chunk, len(source))))["image"])
+                for s in range(0, len(source), chunk)
+            ]
+        )
 
     def logits(self, images) -> np.ndarray:
         return self._batched(self._logits, images)

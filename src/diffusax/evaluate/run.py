@@ -137,8 +137,10 @@ def check_eval_config(cfg) -> None:
         )
 
 
-def evaluate(cfg, workdir: str) -> dict:
+def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     """Score the latest checkpoint of ``workdir``; writes ``workdir/eval/metrics.json``.
+
+    ``devices`` (default: all) are the devices the diffusion model is sampled and scored on.
 
     Nothing is written until every number has been computed, and then atomically, so a failed
     evaluation leaves the previous metrics.json as it was.
@@ -146,7 +148,7 @@ def evaluate(cfg, workdir: str) -> dict:
     check_eval_config(cfg)
     t0 = time.time()
     timings = {}
-    trained = inference.load_trained(cfg, workdir)
+    trained = inference.load_trained(cfg, workdir, devices=devices)
     train_source = _load(cfg, cfg.data.train_split)
     test_source = _load(cfg, cfg.data.eval_split)
     eval_dir = os.path.join(workdir, "eval")
@@ -164,13 +166,18 @@ def evaluate(cfg, workdir: str) -> dict:
     samples, sample_labels = inference.draw_samples(
         trained, cfg.eval.num_samples, jax.random.fold_in(key, SAMPLE_KEY)
     )
+    bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
+    if bad:
+        raise ValueError(
+            f"{bad} of {len(samples)} samples of the checkpoint at step {trained.step} in "
+            f"{workdir} contain NaN or inf; the model (or the sampler settings) diverged"
+        )
     samples = quantize(samples, cfg.data.num_levels)  # (N, H, W, C)
     timings["sampling"] = time.time() - t
 
     t = time.time()
-    train = classifier_lib.read_all(train_source)
+    train_features = clf.source_features(train_source)  # (N_train, D)
     test = classifier_lib.read_all(test_source)
-    train_features = clf.features(train["image"])  # (N_train, D)
     test_features = clf.features(test["image"])  # (N_test, D)
     sample_features = clf.features(samples)  # (N, D)
     matched = min(len(samples), len(test_features))
