@@ -41,6 +41,9 @@ CHOICES = {
     "sample.sampler": ("ddpm", "ddim", "dpm++2m"),
 }
 POSITIVE = (
+    "model.ch",
+    "model.num_res_blocks",
+    "model.num_heads",
     "diffusion.num_timesteps",
     "optim.learning_rate",
     "train.batch_size",
@@ -54,7 +57,10 @@ POSITIVE = (
     "eval.num_samples",
 )
 NON_NEGATIVE = (
+    "seed",
     "optim.warmup_steps",
+    "optim.eps",
+    "diffusion.vlb_weight",
     "optim.weight_decay",
     "optim.grad_clip",
     "diffusion.min_snr_gamma",
@@ -62,8 +68,19 @@ NON_NEGATIVE = (
     "sample.eta",
     "sample.clip_x0",
     "train.sample_every",
+    "train.grid_samples",
+    "eval.bpd_examples",
+    "eval.classifier_steps",
 )
-UNIT_INTERVAL = ("model.dropout", "diffusion.label_drop_prob", "optim.ema_decay")
+UNIT_INTERVAL = (
+    "model.dropout",
+    "diffusion.label_drop_prob",
+    "optim.ema_decay",
+    "optim.b1",
+    "optim.b2",
+)
+# Tuples of positive ints.
+POSITIVE_INTS = ("model.ch_mult", "model.attn_resolutions")
 
 
 class ConfigError(ValueError):
@@ -119,9 +136,10 @@ def finalize(cfg, path: str, overrides: Mapping[str, object]) -> ml_collections.
     """
     if cfg.get("runlocal"):
         module = _load_module(path)
-        shrink = getattr(module, "runlocal", None) or _load_module(
-            os.path.join(os.path.dirname(path) or ".", "base.py")
-        ).runlocal
+        shrink = (
+            getattr(module, "runlocal", None)
+            or _load_module(os.path.join(os.path.dirname(path) or ".", "base.py")).runlocal
+        )
         shrink(cfg)
         for key, value in overrides.items():
             _set_field(cfg, key, value)
@@ -130,16 +148,34 @@ def finalize(cfg, path: str, overrides: Mapping[str, object]) -> ml_collections.
 
 
 def _set_field(cfg, dotted: str, value) -> None:
+    node, leaf = _parent_node(cfg, dotted)
+    with node.unlocked():
+        try:
+            node[leaf] = value
+        except TypeError as e:  # ml_collections refuses a value of another type
+            old = node[leaf]
+            raise ConfigError(
+                f"config field {dotted!r} must be of type {type(old).__name__}, got {value!r} "
+                f"({type(value).__name__})"
+            ) from e
+
+
+def _parent_node(cfg, dotted: str):
+    """(the ConfigDict holding ``dotted``, its last name); ConfigError for an unknown field."""
     parent, _, leaf = dotted.rpartition(".")
     node = cfg
     for part in parent.split(".") if parent else ():
-        if part not in node:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
             raise ConfigError(f"unknown config field {dotted!r}{_suggest(part, list(node))}")
         node = node[part]
     if leaf not in node:
         raise ConfigError(f"unknown config field {dotted!r}{_suggest(leaf, list(node))}")
-    with node.unlocked():
-        node[leaf] = value
+    return node, leaf
+
+
+def check_field_name(dotted: str) -> None:
+    """ConfigError (with a "did you mean") unless ``dotted`` is a field of experiments/base.py."""
+    _parent_node(_base_config(), dotted)
 
 
 def _suggest(name: str, candidates) -> str:
@@ -166,8 +202,17 @@ def _type_ok(value, default) -> bool:
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list))
+        if not isinstance(value, (tuple, list)):
+            return False
+        # The elements must have the type of the default's elements (ints for model.ch_mult).
+        return not default or all(_type_ok(v, default[0]) for v in value)
     return isinstance(value, type(default))
+
+
+def _type_name(default) -> str:
+    if isinstance(default, (tuple, list)) and default:
+        return f"tuple of {type(default[0]).__name__}"
+    return type(default).__name__
 
 
 def validate(cfg) -> None:
@@ -176,12 +221,10 @@ def validate(cfg) -> None:
     fields = dict(_flatten(cfg))
     for path, value in fields.items():
         if path not in base:
-            raise ConfigError(
-                f"unknown config field {path!r}{_suggest(path, list(base))}"
-            )
+            raise ConfigError(f"unknown config field {path!r}{_suggest(path, list(base))}")
         if not _type_ok(value, base[path]):
             raise ConfigError(
-                f"config field {path!r} must be of type {type(base[path]).__name__}, "
+                f"config field {path!r} must be of type {_type_name(base[path])}, "
                 f"got {value!r} ({type(value).__name__})"
             )
     for path, names in CHOICES.items():
@@ -199,6 +242,29 @@ def validate(cfg) -> None:
     for path in UNIT_INTERVAL:
         if not 0 <= fields[path] < 1:
             raise ConfigError(f"config field {path!r} must be in [0, 1), got {fields[path]!r}")
+    for path in POSITIVE_INTS:
+        if any(v < 1 for v in fields[path]):
+            raise ConfigError(
+                f"config field {path!r} must hold positive ints, got {fields[path]!r}"
+            )
+    if not fields["model.ch_mult"]:
+        raise ConfigError("config field 'model.ch_mult' is empty; give one multiplier per level")
+    if fields["data.num_levels"] < 2:
+        raise ConfigError(
+            f"config field 'data.num_levels' must be >= 2, got {fields['data.num_levels']}"
+        )
+    if fields["diffusion.schedule"] != "cosine":
+        start, end = fields["diffusion.beta_start"], fields["diffusion.beta_end"]
+        if not 0 < start <= end < 1:
+            raise ConfigError(
+                f"config fields 'diffusion.beta_start' ({start}) and 'diffusion.beta_end' ({end}) "
+                f"must satisfy 0 < beta_start <= beta_end < 1"
+            )
+    if fields["sample.label"] < -1:
+        raise ConfigError(
+            f"config field 'sample.label' must be -1 (every class in turn) or a class index, got "
+            f"{fields['sample.label']}"
+        )
     if fields["sample.num_steps"] > fields["diffusion.num_timesteps"]:
         raise ConfigError(
             f"config field 'sample.num_steps' ({fields['sample.num_steps']}) exceeds "
@@ -213,17 +279,26 @@ def validate(cfg) -> None:
         )
     if fields["sample.guidance_scale"] != 1.0 and not fields["model.class_conditional"]:
         raise ConfigError("config field 'sample.guidance_scale' needs a class-conditional model")
-    if fields["train.mesh_fsdp"] < 1 or fields["train.mesh_data"] == 0 or fields["train.mesh_data"] < -1:
+    if (
+        fields["train.mesh_fsdp"] < 1
+        or fields["train.mesh_data"] == 0
+        or fields["train.mesh_data"] < -1
+    ):
         raise ConfigError("config fields 'train.mesh_data' (-1 or >= 1) / 'train.mesh_fsdp' (>= 1)")
 
 
 def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
     """The checks that need the dataset and the devices; still before any compilation."""
-    batch_devices = num_devices if cfg.train.mesh_data == -1 else cfg.train.mesh_data * cfg.train.mesh_fsdp
-    if cfg.train.mesh_data == -1 and num_devices % cfg.train.mesh_fsdp:
+    data, fsdp = cfg.train.mesh_data, cfg.train.mesh_fsdp
+    batch_devices = num_devices if data == -1 else data * fsdp
+    if data == -1 and num_devices % fsdp:
         raise ConfigError(
-            f"config field 'train.mesh_fsdp' ({cfg.train.mesh_fsdp}) does not divide the "
-            f"{num_devices} devices"
+            f"config field 'train.mesh_fsdp' ({fsdp}) does not divide the {num_devices} devices"
+        )
+    if data != -1 and data * fsdp != num_devices:
+        raise ConfigError(
+            f"config fields 'train.mesh_data' x 'train.mesh_fsdp' = {data} x {fsdp} must equal "
+            f"the {num_devices} devices (or set train.mesh_data=-1 to use them all)"
         )
     if cfg.train.batch_size % batch_devices:
         raise ConfigError(
@@ -235,9 +310,17 @@ def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
             f"config field 'model.class_conditional' is True but dataset {cfg.data.name!r} has "
             f"no labels"
         )
+    if num_classes and cfg.sample.label >= num_classes:
+        raise ConfigError(
+            f"config field 'sample.label' ({cfg.sample.label}) is not a class of dataset "
+            f"{cfg.data.name!r} (0..{num_classes - 1})"
+        )
     from diffusax import models
 
-    models.check_image_shape(cfg.model, tuple(image_shape))
+    try:
+        models.check_image_shape(cfg.model, tuple(image_shape))
+    except ValueError as e:  # its message names the field
+        raise ConfigError(str(e)) from e
 
 
 def describe(cfg) -> str:
@@ -245,11 +328,19 @@ def describe(cfg) -> str:
     return "\n".join(f"{k} = {v!r}" for k, v in _flatten(cfg))
 
 
+# Model fields that do not change the parameters: a resumed run may change them.
+_RESUMABLE_MODEL_FIELDS = ("model.dropout", "model.remat", "model.dtype")
+
+
 def digest_fields(cfg) -> dict:
     """The fields that must not change across a resume (they shape the parameters)."""
-    return {k: v for k, v in _flatten(cfg) if k.startswith("model.") or k == "method"}
+    return {
+        k: v
+        for k, v in _flatten(cfg)
+        if (k.startswith("model.") and k not in _RESUMABLE_MODEL_FIELDS)
+        or k in ("method", "diffusion.var_type")
+    }
 
 
 def num_params_str(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
-

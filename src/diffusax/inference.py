@@ -32,6 +32,12 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
     """Restore the latest checkpoint of ``workdir``; a clear error when there is none."""
     mesh, source, build, num_classes = loop.setup(cfg, devices=devices)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    missing = FileNotFoundError(
+        f"no checkpoint in {ckpt_dir}; train first: make train EXP={cfg.name} "
+        f"(or pass the run's WORKDIR=)"
+    )
+    if not os.path.isdir(ckpt_dir):
+        raise missing  # before Orbax, which would create the directory
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
     key = jax.random.key(cfg.seed)
     abstract = abstract_train_state(build, optimizer, key)
@@ -39,10 +45,7 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
     with checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=10**9, async_save=False) as ckpt:
         restored = ckpt.restore(loop._with_shardings(abstract, shardings))
     if restored is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}; train first: make train EXP={cfg.name} "
-            f"(or pass the run's WORKDIR=)"
-        )
+        raise missing
     graphdef = model_graphdef(build, key)
     return Trained(
         cfg=cfg,
@@ -85,17 +88,21 @@ def sample_to_disk(cfg, workdir: str) -> str:
     """`--mode=sample`: write samples/samples.npz (uint8 NHWC `images`, `labels`) and a grid."""
     trained = load_trained(cfg, workdir)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)
-    images, labels = draw_samples(trained, cfg.sample.num_samples, key)
+    images, labels = draw_samples(trained, cfg.sample.num_samples, key)  # every process samples
     out_dir = os.path.join(workdir, "samples")
+    path = os.path.join(out_dir, "samples.npz")
+    if jax.process_index() != 0:
+        return path
     os.makedirs(out_dir, exist_ok=True)
     arrays = {"images": image_io.to_uint8(images)}
     if labels is not None:
         arrays["labels"] = labels
-    path = os.path.join(out_dir, "samples.npz")
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
     n_grid = min(len(images), 100)
-    ncols = trained.num_classes if trained.num_classes and n_grid % trained.num_classes == 0 else None
+    ncols = (
+        trained.num_classes if trained.num_classes and n_grid % trained.num_classes == 0 else None
+    )
     image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:n_grid], ncols)
     return path

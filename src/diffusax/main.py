@@ -4,8 +4,9 @@
         --mode=train [--config.train.num_steps=500 ...]
 
 The Makefile wraps it: `make train|sample|eval|info EXP=NAME [WORKDIR=...] [ARGS='--config.a=b']`.
-Exit status: 0 done, 2 bad config or input, 143 after SIGTERM and 130 after Ctrl-C (the state
-was saved first: run the same command again to resume).
+Exit status: 0 done, 1 the run failed (a non-finite loss: the message names the step), 2 bad
+flags, config or input, 143 after SIGTERM and 130 after Ctrl-C (the state was saved first: run
+the same command again to resume).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def describe_run(cfg) -> str:
     """`make info`: what a run would use, without training."""
     import jax
+    from flax import nnx
 
     from diffusax import models
     from diffusax.train import loop
@@ -36,9 +38,11 @@ def describe_run(cfg) -> str:
     mesh, source, build, num_classes = loop.setup(cfg)
     info = source.info
     key = jax.random.key(cfg.seed)
-    abstract_model = __import__("flax").nnx.eval_shape(lambda: build(key))
+    abstract_model = nnx.eval_shape(lambda: build(key))
     n_params = models.count_params(abstract_model)
-    flops = models.forward_flops(model_graphdef(build, key), abstract_model, info.image_shape, num_classes)
+    flops = models.forward_flops(
+        model_graphdef(build, key), abstract_model, info.image_shape, num_classes
+    )
     lines = [
         f"experiment: {cfg.name}",
         f"method: {cfg.method}  (prediction={cfg.diffusion.prediction}, var_type="
@@ -57,9 +61,38 @@ def describe_run(cfg) -> str:
     return "\n".join(lines)
 
 
+def _flag_error_message(argv, error: Exception) -> str | None:
+    """A readable message naming the field for a --config.* flag that could not be parsed."""
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            name = arg[len("--config.") :].split("=", 1)[0]
+            try:
+                config_lib.check_field_name(name)
+            except config_lib.ConfigError as e:
+                return f"{e} (flag {arg})"
+    return str(error) if isinstance(error, flags.Error) else None
+
+
+def parse_flags(argv):
+    """absl's flag parsing, but a bad flag exits with status 2 and one readable line.
+
+    ml_collections reports an unknown `--config.a.b` with an AttributeError traceback; this
+    names the field instead (with a "did you mean").
+    """
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        message = _flag_error_message(argv, e)
+        if message is None:
+            raise
+        print(f"config error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" noise
     logging.getLogger("diffusax").setLevel(logging.INFO)
     try:
         cfg = config_lib.finalize(
@@ -70,7 +103,8 @@ def main(argv):
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from diffusax import parallel
+    from diffusax import checkpoint, parallel
+    from diffusax.train.loop import NonFiniteLossError
 
     parallel.initialize_distributed()
     try:
@@ -90,14 +124,22 @@ def main(argv):
             from diffusax.evaluate import run as eval_run
 
             print(eval_run.format_report(eval_run.evaluate(cfg, FLAGS.workdir)))
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        checkpoint.DamagedCheckpointError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def run():
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,18 @@ def generate_many(generate, params, num: int, batch_size: int, num_classes, key,
         batch_labels = None
         if labels is not None:
             chunk = labels[start : start + batch_size]
-            batch_labels = jnp.asarray(np.resize(chunk, batch_size) if chunk.size < batch_size else chunk)
+            batch_labels = jnp.asarray(
+                np.resize(chunk, batch_size) if chunk.size < batch_size else chunk
+            )
         out = generate(params, batch_labels, jax.random.fold_in(key, i))
-        images.append(np.asarray(out)[: min(batch_size, num - start)])
+        images.append(_to_host(out)[: min(batch_size, num - start)])
     return np.concatenate(images), labels
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole array as numpy on every process (multi-host: gathered from all of them)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -77,7 +77,7 @@ def _signal_handlers(flag):
 
 def setup(cfg, *, devices=None):
     """Everything a run needs, checked before compiling: mesh, data source, schedule, model."""
-    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=devices)
+    devices = list(jax.devices() if devices is None else devices)
     source = data.load_source(
         cfg.data.name,
         cfg.data.train_split,
@@ -86,9 +86,20 @@ def setup(cfg, *, devices=None):
         label_key=cfg.data.label_key or None,
     )
     info = source.info
-    config_lib.check_runtime(cfg, info.image_shape, info.num_classes, mesh.size)
+    config_lib.check_runtime(cfg, info.image_shape, info.num_classes, len(devices))
+    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=devices)
     num_classes = info.num_classes if cfg.model.class_conditional else None
     build = model_builder(cfg, tuple(info.image_shape), num_classes)
+    try:  # the model's own argument checks, still without compiling anything
+        model_graphdef(build, jax.random.key(0))
+    except ValueError as e:
+        # The model names its argument; most are fields of `config.model` of the same name.
+        argument = str(e).split(" ")[0].split("=")[0]
+        prefix = "model." if argument in cfg.model else ""
+        raise config_lib.ConfigError(
+            f"config 'model' ({cfg.model.name}) cannot be built for {cfg.data.name!r} images of "
+            f"shape {tuple(info.image_shape)}: {prefix}{e}"
+        ) from e
     return mesh, source, build, num_classes
 
 
@@ -125,13 +136,11 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         async_save=cfg.train.async_checkpoint,
     )
     digest = config_lib.digest_fields(cfg)
-    restored = ckpt.restore(_with_shardings(abstract, shardings))
-    if restored is not None:
-        _check_same_model(restored.extra.get("model_config", {}), digest, restored.step, ckpt)
-        state = restored.state
-        log.info("resumed from step %d", restored.step)
-    else:
-        state = create_train_state(build, optimizer, init_key, shardings)
+    try:
+        state = _restore_or_init(ckpt, abstract, shardings, digest, build, optimizer, init_key)
+    except BaseException:
+        ckpt.close()  # no Orbax threads left behind by a refused resume
+        raise
     graphdef = model_graphdef(build, init_key)
     apply_fn = models.make_apply_fn(graphdef)
 
@@ -147,7 +156,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     train_step = jax.jit(
         step_fn,
         in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None),
+        out_shardings=(shardings, parallel.replicated(mesh)),  # metrics readable on every host
         donate_argnums=0,
     )
     start = int(jax.device_get(state.step))
@@ -160,9 +169,9 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     )
     writer = _Writer(workdir) if jax.process_index() == 0 else None
     flag = _StopFlag()
+    stopped_by = None
     losses: dict[int, float] = {}
     pending = None  # (step, metrics) of the previous step, checked one step late
-    bad_in_a_row = 0
     t_start, steps_done = time.time(), 0
     progress = _progress(cfg, start)
 
@@ -171,7 +180,6 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         return ckpt.save(int(jax.device_get(state.step)), state, extra, force=force)
 
     def check(step, metrics):
-        nonlocal bad_in_a_row
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
             if cfg.train.nonfinite == "abort":
@@ -199,38 +207,87 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
                 pending = (step, metrics)
                 steps_done += 1
                 last = step + 1 == cfg.train.num_steps
-                if (step + 1) % cfg.train.checkpoint_every == 0 or last or flag.signum:
+                stop = _agreed_signal(flag)
+                if (step + 1) % cfg.train.checkpoint_every == 0 or last or stop:
                     check(*pending)
-                    save(state, force=last or bool(flag.signum))
-                if writer and cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
+                    save(state, force=last or bool(stop))
+                if cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
                     _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step + 1)
-                if flag.signum:
-                    log.warning("signal %d: saved step %d, exiting", flag.signum, step + 1)
+                if stop:
+                    log.warning("signal %d: saved step %d, exiting", stop, step + 1)
+                    stopped_by = stop
                     break
             if pending is not None:
                 _log(cfg, writer, progress, pending[0], check(*pending), t_start, steps_done)
+    except BaseException:
+        if writer:
+            writer.close()
+        raise
     finally:
         ckpt.wait()
         ckpt.close()
         loader.close()
         if progress is not None:
             progress.close()
-    if writer and not flag.signum and steps_done:
+    if not stopped_by and steps_done:
         _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, None)
-        writer.finish(workdir)
+        if writer:
+            writer.finish(workdir)
     elif writer:
         writer.close()
-    return TrainResult(state, graphdef, losses, flag.signum, start)
+    return TrainResult(state, graphdef, losses, stopped_by, start)
 
 
-def _check_same_model(saved: dict, current: dict, step: int, ckpt) -> None:
-    changed = {k for k in set(saved) | set(current) if saved.get(k) != _jsonable(current.get(k))}
-    if saved and changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed))
+def _restore_or_init(ckpt, abstract, shardings, digest, build, optimizer, key):
+    """The latest checkpoint's state, or a new state born sharded when there is none."""
+    try:
+        restored = ckpt.restore(_with_shardings(abstract, shardings))
+    except checkpoint.CheckpointMismatchError as e:
+        step = ckpt.latest_step()
+        _check_same_model(_saved_model_config(ckpt, step), digest, step, ckpt, cause=e)
+        raise  # the parameters differ although the recorded fields do not
+    if restored is None:
+        return create_train_state(build, optimizer, key, shardings)
+    _check_same_model(restored.extra.get("model_config", {}), digest, restored.step, ckpt)
+    log.info("resumed from step %d", restored.step)
+    return restored.state
+
+
+def _agreed_signal(flag) -> int | None:
+    """The stop signal, agreed by every process (all must save the same step, or none)."""
+    if jax.process_count() == 1:
+        return flag.signum
+    from jax.experimental import multihost_utils
+
+    signums = multihost_utils.process_allgather(np.int32(flag.signum or 0))
+    return int(np.max(signums)) or None
+
+
+def _check_same_model(saved, current: dict, step: int, ckpt, cause=None) -> None:
+    """CheckpointMismatchError naming the config fields that changed since ``step`` was saved.
+
+    Only fields recorded on both sides are compared, so a checkpoint from a version that recorded
+    fewer fields still resumes.
+    """
+    saved = saved or {}
+    changed = {k for k in set(saved) & set(current) if saved[k] != _jsonable(current[k])}
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(changed))
         raise checkpoint.CheckpointMismatchError(
-            f"checkpoint {ckpt.step_path(step)} was written for another model ({details}); "
-            f"use another workdir or restore the original model config"
-        )
+            f"checkpoint {ckpt.step_path(step)} was written for another model: config fields "
+            f"changed since ({details}); use another workdir or restore the original config"
+        ) from cause
+
+
+def _saved_model_config(ckpt, step) -> dict | None:
+    """The config fields recorded with ``step`` (its JSON `extra` item), or None if unreadable."""
+    if step is None:
+        return None
+    try:
+        path = ckpt.step_path(step) / checkpoint.EXTRA_ITEM / "metadata"  # Orbax's JSON file
+        return json.loads(path.read_text()).get("model_config")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _jsonable(value):
@@ -240,15 +297,20 @@ def _jsonable(value):
 def _grid_sample_cfg(cfg, num_devices):
     s = cfg.sample.copy_and_resolve_references()
     with s.unlocked():
-        s.batch_size = methods.padded_batch_size(cfg.train.grid_samples, num_devices)
+        s.batch_size = methods.padded_batch_size(max(cfg.train.grid_samples, 1), num_devices)
     return s
 
 
 def _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step):
+    """Sample an EMA grid (every process takes part in the sampling; process 0 writes it)."""
+    if not cfg.train.grid_samples:
+        return
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
     images, _ = methods.generate_many(
         generate, state.ema.params, cfg.train.grid_samples, grid_cfg.batch_size, num_classes, key
     )
+    if jax.process_index() != 0:
+        return
     ncols = num_classes if num_classes and cfg.train.grid_samples % num_classes == 0 else None
     name = "grid.png" if step is None else f"grid_{step:08d}.png"
     path = image_io.save_grid(os.path.join(workdir, "samples", name), images, ncols)

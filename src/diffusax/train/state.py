@@ -50,8 +50,16 @@ def split_params(model):
 
 
 def model_graphdef(build, key):
-    """The network's graph definition, without allocating its parameters."""
-    return split_params(nnx.eval_shape(lambda: build(key)))[0]
+    """The network's graph definition, without allocating its parameters.
+
+    Kept on ``build`` after the first call: the structure does not depend on the key, and
+    tracing a large model's construction takes seconds.
+    """
+    graphdef = getattr(build, "graphdef", None)
+    if graphdef is None:
+        graphdef = split_params(nnx.eval_shape(lambda: build(key)))[0]
+        build.graphdef = graphdef
+    return graphdef
 
 
 def _init_state(build, optimizer, key) -> TrainState:
