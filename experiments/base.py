@@ -26,7 +26,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_levels = 256  # quantisation levels of the data, for bits per dimension
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "unet"
+    c.model.name = "unet"  # unet | dit
+    c.model.variant = "XL/2"  # DiT only: S/B/L/XL at patch 2/4/8 (models.dit.VARIANTS)
+    c.model.scan_blocks = True  # DiT only: the block stack as one lax.scan (compiles once)
+    c.model.fused_attention = False  # DiT only: jax.nn.dot_product_attention's cuDNN kernel
     c.model.ch = 128
     c.model.ch_mult = (1, 2, 2, 2)
     c.model.num_res_blocks = 2

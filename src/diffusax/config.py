@@ -30,7 +30,7 @@ _CHECKOUT_EXPERIMENTS = os.path.join(
 # Fields whose value must be one of a few names.
 CHOICES = {
     "method": ("ddpm",),
-    "model.name": ("unet",),
+    "model.name": ("unet", "dit"),
     "model.dtype": ("float32", "bfloat16"),
     "diffusion.schedule": tuple(schedules.BETA_SCHEDULES),
     "diffusion.prediction": diffusion.PREDICTIONS,
@@ -233,6 +233,14 @@ def validate(cfg) -> None:
                 f"config field {path!r} is {fields.get(path)!r}; choose one of {list(names)}"
                 f"{_suggest(str(fields.get(path)), names)}"
             )
+    if fields["model.name"] == "dit":
+        from diffusax.models.dit import VARIANTS
+
+        if fields["model.variant"] not in VARIANTS:
+            raise ConfigError(
+                f"config field 'model.variant' is {fields['model.variant']!r}; choose one of "
+                f"{sorted(VARIANTS)}{_suggest(fields['model.variant'], VARIANTS)}"
+            )
     for path in POSITIVE:
         if not fields[path] > 0:
             raise ConfigError(f"config field {path!r} must be > 0, got {fields[path]!r}")
@@ -329,7 +337,13 @@ def describe(cfg) -> str:
 
 
 # Model fields that do not change the parameters: a resumed run may change them.
-_RESUMABLE_MODEL_FIELDS = ("model.dropout", "model.remat", "model.dtype")
+_RESUMABLE_MODEL_FIELDS = (
+    "model.dropout",
+    "model.remat",
+    "model.dtype",
+    "model.scan_blocks",
+    "model.fused_attention",
+)
 
 
 def digest_fields(cfg) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusax.models.dit import VARIANTS as DIT_VARIANTS
+from diffusax.models.dit import DiT, resolve_variant
 from diffusax.models.layers import count_params
 from diffusax.models.unet import UNet
 
@@ -26,6 +28,15 @@ def check_image_shape(model_cfg, image_shape: tuple) -> None:
             raise ValueError(
                 f"config field 'model.ch_mult' has {len(model_cfg.ch_mult)} levels, so the U-Net "
                 f"needs square images whose side is divisible by {factor}; the data has "
+                f"{height}x{width}"
+            )
+        return
+    if model_cfg.name == "dit":
+        patch = resolve_variant(model_cfg.variant)["patch"]
+        if height != width or height % patch:
+            raise ValueError(
+                f"config field 'model.variant' ({model_cfg.variant}) has patch size {patch}: it "
+                f"needs square images whose side is divisible by {patch}; the data has "
                 f"{height}x{width}"
             )
         return
@@ -50,6 +61,21 @@ def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, 
             num_classes=num_classes if model_cfg.class_conditional else None,
             num_heads=model_cfg.num_heads,
             norm_groups=min(32, model_cfg.ch),
+            remat=model_cfg.remat,
+            dtype=DTYPES[model_cfg.dtype],
+            rngs=rngs,
+        )
+    if model_cfg.name == "dit":
+        return DiT(
+            variant=model_cfg.variant,
+            input_size=height,
+            in_channels=channels,
+            num_classes=num_classes if model_cfg.class_conditional else None,
+            learn_sigma=learned_variance,
+            # Labels are dropped for guidance in one place: the loss (diffusion.label_drop_prob).
+            class_dropout_prob=0.0,
+            fused_attention=model_cfg.fused_attention,
+            scan_blocks=model_cfg.scan_blocks,
             remat=model_cfg.remat,
             dtype=DTYPES[model_cfg.dtype],
             rngs=rngs,
@@ -88,6 +114,8 @@ def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float:
 
 
 __all__ = [
+    "DIT_VARIANTS",
+    "DiT",
     "UNet",
     "build_model",
     "check_image_shape",
