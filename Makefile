@@ -39,3 +39,8 @@ eval: $(VENV)/.installed
 # What a run would use: parameters, FLOPs, mesh, dataset, method and sampler. Trains nothing.
 info: $(VENV)/.installed
 	$(RUN) --mode=info $(ARGS)
+
+# Speed of ddpm_digits against the same model in diffusers on CPU (train steps/s, samples/s);
+# records benchmarks/results/. `make bench ARGS=--quick` is a smoke test that records nothing.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_digits.py $(ARGS)

@@ -70,6 +70,14 @@ TARGETS = {"train": 1.0, "sample": 2.0}  # required speed ratio diffusax / diffu
 # Repeat counts: (timed train repeats, train steps per repeat, sample repeats, sampling steps).
 FULL = dict(train_repeats=7, train_steps=20, sample_repeats=3, sample_steps=1000)
 QUICK = dict(train_repeats=2, train_steps=3, sample_repeats=1, sample_steps=20)
+# Environment variables that change threading; recorded with the results.
+THREAD_ENV = (
+    "XLA_FLAGS",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+)
 SAMPLE_BATCH = 100
 WARMUP_STEPS = 3
 FORWARD_CALLS = 10  # forwards per timed repeat of the forward diagnostic
@@ -103,15 +111,28 @@ def parse_args(argv=None):
 # Machine, load and timing
 
 
-def cpu_model() -> str:
+def cpu_info() -> dict:
+    """Model name, family/model numbers and the vector extensions, from /proc/cpuinfo."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor is enough
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    flags = fields.get("flags", "").split()
+    return {
+        "name": fields.get("model name") or platform.processor() or "unknown",
+        "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "vector_isa": [
+            f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+        ],
+    }
 
 
 class LoadLog:
@@ -414,6 +435,14 @@ def run(args) -> dict:
     torch.set_num_threads(args.torch_threads)
     load = LoadLog()
     load.mark("start")
+    cores = len(os.sched_getaffinity(0))
+    if load.points[0]["load_1m"] > 0.5 * cores:
+        print(
+            f"warning: the 1-minute load average is {load.points[0]['load_1m']:.1f} on {cores} "
+            "cores; other processes will distort the numbers. On a shared machine PyTorch's "
+            "spinning OpenMP threads slow down most (OMP_WAIT_POLICY=PASSIVE limits that).",
+            flush=True,
+        )
     t_start = time.perf_counter()
 
     cfg = config_lib.load_experiment(EXPERIMENT)
@@ -542,7 +571,7 @@ def run(args) -> dict:
         "quick": args.quick,
         "wall_s": time.perf_counter() - t_start,
         "machine": {
-            "cpu": cpu_model(),
+            "cpu": cpu_info(),
             "cpu_count": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)),
             "platform": platform.platform(),
@@ -559,7 +588,7 @@ def run(args) -> dict:
             "torch": torch.get_num_threads(),
             "torch_interop": torch.get_num_interop_threads(),
             "jax": "XLA:CPU default (its intra-op pool spans the usable cores); one CPU device",
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "env": {k: os.environ.get(k, "") for k in THREAD_ENV},
             "jax_devices": [str(d) for d in jax.devices()],
         },
         "load": {"points": load.points, **load.summary()},
@@ -622,7 +651,7 @@ def results_row(r: dict) -> str:
     tr, sa, ld = r["train_steps_per_s"], r["samples_per_s"], r["load"]
     cells = [
         r["date"][:16].replace("T", " "),
-        r["machine"]["cpu"],
+        r["machine"]["cpu"]["name"],
         str(r["machine"]["usable_cores"]),
         str(r["threads"]["torch"]),
         f"{ld['median_load_1m']:.1f} / {ld['max_load_1m']:.1f}",
@@ -661,7 +690,7 @@ def print_summary(r: dict) -> None:
     print()
     print(f"{r['benchmark']}{'  (QUICK: smoke test, not a measurement)' if r['quick'] else ''}")
     print(
-        f"machine: {r['machine']['cpu']}, {r['machine']['usable_cores']} usable cores, "
+        f"machine: {r['machine']['cpu']['name']}, {r['machine']['usable_cores']} usable cores, "
         f"load 1m median {ld['median_load_1m']:.1f} max {ld['max_load_1m']:.1f}; "
         f"torch threads {r['threads']['torch']}, JAX: XLA default"
     )
