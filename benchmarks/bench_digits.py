@@ -68,7 +68,7 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 TARGETS = {"train": 1.0, "sample": 2.0}  # required speed ratio diffusax / diffusers
 
 # Repeat counts: (timed train repeats, train steps per repeat, sample repeats, sampling steps).
-FULL = dict(train_repeats=7, train_steps=20, sample_repeats=3, sample_steps=1000)
+FULL = dict(train_repeats=11, train_steps=10, sample_repeats=3, sample_steps=1000)
 QUICK = dict(train_repeats=2, train_steps=3, sample_repeats=1, sample_steps=20)
 # Environment variables that change threading; recorded with the results.
 THREAD_ENV = (
@@ -79,6 +79,8 @@ THREAD_ENV = (
     "MKL_NUM_THREADS",
 )
 SAMPLE_BATCH = 100
+# A phase counts as quiet when other processes used under this share of the cores meanwhile.
+QUIET_SHARE = 0.1
 WARMUP_STEPS = 3
 FORWARD_CALLS = 10  # forwards per timed repeat of the forward diagnostic
 
@@ -150,29 +152,66 @@ class LoadLog:
         return {"max_load_1m": max(ones), "median_load_1m": statistics.median(ones)}
 
 
-def elapsed(fn) -> float:
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by every process, CPU seconds used by this one), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+                int, f.readline().split()[1:9]
+            )
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system
+
+
+def timed(fn) -> tuple[float, float | None]:
+    """(wall seconds of fn(), share of the cores other processes used meanwhile, in [0, 1]).
+
+    The share is (CPU time of all processes - ours) / (wall time x cores), from /proc/stat:
+    0 on a quiet machine; it measures contention directly, where the load average (a 1-minute
+    mean that counts our own threads too) only hints at it.
+    """
+    before = cpu_seconds()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = cpu_seconds()
+    if before is None or after is None:
+        return wall, None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return wall, min(max(others / (wall * len(os.sched_getaffinity(0))), 0.0), 1.0)
 
 
-def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Time each of ``runs`` (name -> fn) ``repeats`` times, alternating the order (ABBA...)."""
+def elapsed(fn) -> float:
+    return timed(fn)[0]
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, list[tuple]]:
+    """Time each of ``runs`` (name -> fn) ``repeats`` times, alternating the order (ABBA...).
+
+    Returns name -> [(seconds, others' CPU share), ...] (see ``timed``).
+    """
     names = list(runs)
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(elapsed(runs[name]))
+            times[name].append(timed(runs[name]))
     return times
 
 
-def rate_summary(seconds: list[float], items: int) -> dict:
+def rate_summary(repeats: list[tuple], items: int) -> dict:
+    seconds = [s for s, _ in repeats]
+    others = [o for _, o in repeats if o is not None]
     rates = [items / s for s in seconds]
     return {
         "per_s_median": statistics.median(rates),
         "per_s_repeats": rates,
         "seconds_repeats": seconds,
         "items_per_repeat": items,
+        "others_cpu_share_repeats": others,
+        "others_cpu_share_median": statistics.median(others) if others else None,
     }
 
 
@@ -436,7 +475,7 @@ def run(args) -> dict:
     load = LoadLog()
     load.mark("start")
     cores = len(os.sched_getaffinity(0))
-    if load.points[0]["load_1m"] > 0.5 * cores:
+    if load.points[0]["load_1m"] > max(1.0, cores - 0.5):
         print(
             f"warning: the 1-minute load average is {load.points[0]['load_1m']:.1f} on {cores} "
             "cores; other processes will distort the numbers. On a shared machine PyTorch's "
@@ -565,6 +604,16 @@ def run(args) -> dict:
         flush=True,
     )
 
+    # Median share of the cores that other processes used while each phase was timed.
+    contention = {}
+    for phase, summary in (("train", train), ("forward", forward), ("sample", sample)):
+        shares = [
+            x
+            for name in ("diffusax", "diffusers")
+            for x in summary[name]["others_cpu_share_repeats"]
+        ]
+        contention[phase] = statistics.median(shares) if shares else None
+
     return {
         "benchmark": f"{EXPERIMENT}: diffusax vs diffusers UNet2DModel, CPU",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -591,7 +640,12 @@ def run(args) -> dict:
             "env": {k: os.environ.get(k, "") for k in THREAD_ENV},
             "jax_devices": [str(d) for d in jax.devices()],
         },
-        "load": {"points": load.points, **load.summary()},
+        "load": {
+            "points": load.points,
+            **load.summary(),
+            "others_cpu_share": contention,
+            "quiet": all(v is not None and v < QUIET_SHARE for v in contention.values()),
+        },
         "setup": {
             "experiment": EXPERIMENT,
             "train_batch": cfg.train.batch_size,
@@ -639,11 +693,12 @@ RESULTS_HEADER = """# Benchmark results
 
 Rows are appended by `benchmarks/bench_digits.py` (full runs only); the latest run's details are
 in `digits_cpu.json`. Ratios are diffusax / diffusers (higher is better for diffusax); targets:
-train >= 1, 1000-step sampling >= 2. Load is the 1-minute load average (median / max over the
-run's phases): a load above the core count means other processes shared the cores.
+train >= 1, 1000-step sampling >= 2. "Others' CPU" is the median share of the cores that other
+processes used while the train / sampling repeats were timed (from /proc/stat): a run is quiet
+(yes) when both are under 10%; numbers from a busy machine are distorted, PyTorch's most.
 
-| date (UTC) | CPU | cores | torch threads | load (med/max) | train steps/s diffusax | diffusers | ratio | samples/s diffusax | diffusers | ratio | compile s (train / sample) |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| date (UTC) | CPU | cores | torch threads | others' CPU train / sample | quiet | train steps/s diffusax | diffusers | ratio | samples/s diffusax | diffusers | ratio | compile s (train / sample) |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -654,7 +709,8 @@ def results_row(r: dict) -> str:
         r["machine"]["cpu"]["name"],
         str(r["machine"]["usable_cores"]),
         str(r["threads"]["torch"]),
-        f"{ld['median_load_1m']:.1f} / {ld['max_load_1m']:.1f}",
+        f"{_percent(ld['others_cpu_share']['train'])} / {_percent(ld['others_cpu_share']['sample'])}",
+        "yes" if ld["quiet"] else "**no**",
         f"{tr['diffusax']['per_s_median']:.2f}",
         f"{tr['diffusers']['per_s_median']:.2f}",
         f"**{tr['ratio']:.2f}**",
@@ -664,6 +720,10 @@ def results_row(r: dict) -> str:
         f"{r['compile_s']['train_step']:.0f} / {r['compile_s']['generate']:.0f}",
     ]
     return "| " + " | ".join(cells) + " |\n"
+
+
+def _percent(share) -> str:
+    return "?" if share is None else f"{100 * share:.0f}%"
 
 
 def write_results(result: dict, out_dir: str) -> tuple[str, str]:
@@ -691,8 +751,13 @@ def print_summary(r: dict) -> None:
     print(f"{r['benchmark']}{'  (QUICK: smoke test, not a measurement)' if r['quick'] else ''}")
     print(
         f"machine: {r['machine']['cpu']['name']}, {r['machine']['usable_cores']} usable cores, "
-        f"load 1m median {ld['median_load_1m']:.1f} max {ld['max_load_1m']:.1f}; "
         f"torch threads {r['threads']['torch']}, JAX: XLA default"
+    )
+    shares = ld["others_cpu_share"]
+    print(
+        f"other processes used {_percent(shares['train'])} (train), "
+        f"{_percent(shares['sample'])} (sampling) of the cores; load 1m median "
+        f"{ld['median_load_1m']:.1f} max {ld['max_load_1m']:.1f}"
     )
     print(f"{'':28s}{'diffusax':>12s}{'diffusers':>12s}{'ratio':>8s}{'target':>8s}")
     print(
@@ -718,6 +783,11 @@ def print_summary(r: dict) -> None:
         f"compile: train step {r['compile_s']['train_step']:.1f} s, sampler "
         f"{r['compile_s']['generate']:.1f} s; whole run {r['wall_s']:.0f} s"
     )
+    if not ld["quiet"]:
+        print(
+            "WARNING: other processes were using the cores while this ran; the numbers (above "
+            "all PyTorch's) are distorted. Rerun on a quiet machine."
+        )
 
 
 def main(argv=None) -> int:
