@@ -1,14 +1,15 @@
 """Speed of the default experiment (`ddpm_digits`) against the same model in diffusers, on CPU.
 
-    .venv/bin/python benchmarks/bench_digits.py            # full run (~5-10 minutes on 2 quiet
+    .venv/bin/python benchmarks/bench_digits.py            # full run (~6-8 minutes on 2 quiet
                                                            # cores), writes benchmarks/results/
-    .venv/bin/python benchmarks/bench_digits.py --quick    # smoke test (~1-2 min), writes nothing
+    .venv/bin/python benchmarks/bench_digits.py --quick    # smoke test (~1 min), writes nothing
+    .venv/bin/python benchmarks/bench_digits.py --cpu-devices 2   # batch split over 2 JAX devices
     make bench                                             # the full run
 
 What it measures, in one process and one run (see benchmarks/README.md):
 
 - train steps/s at batch 128 of the bundled digits: our jitted train step, built as
-  `diffusax.train.loop.train` builds it (one CPU device), against a PyTorch step on diffusers'
+  `diffusax.train.loop.train` builds it (one CPU device by default), against a PyTorch step on diffusers'
   `UNet2DModel` with the same architecture, loss, optimizer, clipping and EMA;
 - samples/s of 1000-step DDPM ancestral sampling at batch 100, classifier-free guidance off:
   our `methods.make_generate` (one jitted `lax.scan`) against a loop of 1000 `UNet2DModel` calls
@@ -19,9 +20,9 @@ What it measures, in one process and one run (see benchmarks/README.md):
 The two networks are checked to be the same function first: the diffusers weights are loaded
 into our U-Net with `diffusax.convert.diffusers_unet` and the outputs must agree. Timed repeats
 of the two frameworks alternate (A B B A ...) and the median is reported; compilation (JAX) and
-the first eager calls (PyTorch) are timed separately and excluded. The load average of the
-machine is recorded with every phase, because a loaded machine distorts the numbers (PyTorch's
-OpenMP threads suffer most from sharing cores).
+the first eager calls (PyTorch) are timed separately and excluded. The share of the cores other
+processes used is recorded with every timed repeat, because a busy machine distorts the numbers
+(PyTorch's spinning OpenMP threads suffer most from sharing cores).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, also on a machine with a GPU
+os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, also on a machine with a GPU
 
 import diffusers  # noqa: E402
 import flax  # noqa: E402
@@ -101,11 +102,20 @@ def parse_args(argv=None):
         help="torch.set_num_threads (default: the cores this process may use)",
     )
     p.add_argument("--sample-batch", type=int, default=SAMPLE_BATCH)
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="JAX CPU devices (jax_num_cpu_devices); the batches are split over them by the "
+        "data-parallel mesh, as train.loop splits them over all devices (default: 1)",
+    )
     args = p.parse_args(argv)
     if args.torch_threads < 1:
         p.error("--torch-threads must be >= 1")
     if args.sample_batch < 1:
         p.error("--sample-batch must be >= 1")
+    if args.cpu_devices < 1 or args.sample_batch % args.cpu_devices:
+        p.error("--cpu-devices must be >= 1 and divide --sample-batch")
     return args
 
 
@@ -220,8 +230,11 @@ def rate_summary(repeats: list[tuple], items: int) -> dict:
 
 
 class Ours:
-    def __init__(self, cfg, sample_cfg):
-        mesh, source, build, num_classes = loop.setup(cfg, devices=jax.devices()[:1])
+    def __init__(self, cfg, sample_cfg, num_devices: int = 1):
+        devices = jax.devices()[:num_devices]
+        if len(devices) != num_devices:
+            raise ValueError(f"asked for {num_devices} JAX devices, {len(jax.devices())} exist")
+        mesh, source, build, num_classes = loop.setup(cfg, devices=devices)
         self.cfg, self.mesh, self.source, self.num_classes = cfg, mesh, source, num_classes
         self.build = build
         self.image_shape = tuple(source.info.image_shape)
@@ -249,9 +262,20 @@ class Ours:
             donate_argnums=0,
         )
         self.generate = methods.make_generate(
-            cfg, self.apply_fn, sched, num_classes, self.image_shape, sample_cfg=sample_cfg
+            cfg,
+            self.apply_fn,
+            sched,
+            num_classes,
+            self.image_shape,
+            sample_cfg=sample_cfg,
+            mesh=mesh,
         )
-        self.forward = jax.jit(lambda p, x, t, y: self.apply_fn(p, x, t, y))
+        batch = parallel.batch_sharding(mesh)
+        self.forward = jax.jit(
+            lambda p, x, t, y: self.apply_fn(p, x, t, y),
+            in_shardings=(repl, batch, batch, batch),
+            out_shardings=batch,
+        )
         self.batches = None
         self.metrics = None
         self.steps_run = 0
@@ -488,13 +512,12 @@ def run(args) -> dict:
     sample_cfg = cfg.sample.copy_and_resolve_references()
     with sample_cfg.unlocked():
         sample_cfg.sampler = "ddpm"
-        sample_cfg.num_steps = (
-            0 if counts["sample_steps"] == cfg.diffusion.num_timesteps else (counts["sample_steps"])
-        )
+        steps = counts["sample_steps"]
+        sample_cfg.num_steps = 0 if steps == cfg.diffusion.num_timesteps else steps  # 0: all T
         sample_cfg.guidance_scale = 1.0  # one network call per step in both frameworks
         sample_cfg.batch_size = args.sample_batch
 
-    ours = Ours(cfg, sample_cfg)
+    ours = Ours(cfg, sample_cfg, args.cpu_devices)
     theirs = Theirs(cfg, ours.image_shape, ours.num_classes, counts["sample_steps"], cfg.seed)
     n_batches = -(-len(ours.source) // cfg.train.batch_size)  # one epoch, cycled by both
     theirs.load_batches(ours.load_batches(n_batches))
@@ -509,8 +532,8 @@ def run(args) -> dict:
     y_fwd = labels_np.copy()
     y_fwd[::7] = ours.num_classes  # some null labels too
     x_fwd_t = torch.from_numpy(x_fwd.transpose(0, 3, 1, 2).copy())
-    t_fwd_t, y_fwd_t = torch.from_numpy(t_fwd.astype(np.int64)), torch.from_numpy(y_fwd)
-    y_fwd_t = y_fwd_t.long()
+    t_fwd_t = torch.from_numpy(t_fwd.astype(np.int64))
+    y_fwd_t = torch.from_numpy(y_fwd.astype(np.int64))
 
     compile_s = {}
     t0 = time.perf_counter()
@@ -636,7 +659,8 @@ def run(args) -> dict:
         "threads": {
             "torch": torch.get_num_threads(),
             "torch_interop": torch.get_num_interop_threads(),
-            "jax": "XLA:CPU default (its intra-op pool spans the usable cores); one CPU device",
+            "jax": "XLA:CPU default (its intra-op pool spans the usable cores)",
+            "jax_cpu_devices": args.cpu_devices,
             "env": {k: os.environ.get(k, "") for k in THREAD_ENV},
             "jax_devices": [str(d) for d in jax.devices()],
         },
@@ -659,10 +683,13 @@ def run(args) -> dict:
             ),
             "diffusax_train_step": (
                 "diffusax.train.step.make_train_step jitted as train.loop does (shardings on a "
-                "1-device mesh, donated state), AOT-compiled"
+                f"{args.cpu_devices}-device mesh, donated state), AOT-compiled"
             ),
             "sampler": "DDPM ancestral, fixed_large variance, x0 clipped to [-1, 1], no guidance",
-            "diffusax_sampler": "diffusax.methods.make_generate (jitted lax.scan over all steps)",
+            "diffusax_sampler": (
+                "diffusax.methods.make_generate (jitted lax.scan over all steps), batch split "
+                "over the mesh"
+            ),
             "diffusers_sampler": (
                 "Python loop: UNet2DModel forward + DDPMScheduler.step per step, "
                 "torch.inference_mode"
@@ -697,8 +724,8 @@ train >= 1, 1000-step sampling >= 2. "Others' CPU" is the median share of the co
 processes used while the train / sampling repeats were timed (from /proc/stat): a run is quiet
 (yes) when both are under 10%; numbers from a busy machine are distorted, PyTorch's most.
 
-| date (UTC) | CPU | cores | torch threads | others' CPU train / sample | quiet | train steps/s diffusax | diffusers | ratio | samples/s diffusax | diffusers | ratio | compile s (train / sample) |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| date (UTC) | CPU | cores | torch threads | JAX devices | others' CPU train / sample | quiet | train steps/s diffusax | diffusers | ratio | samples/s diffusax | diffusers | ratio | compile s (train / sample) |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -709,6 +736,7 @@ def results_row(r: dict) -> str:
         r["machine"]["cpu"]["name"],
         str(r["machine"]["usable_cores"]),
         str(r["threads"]["torch"]),
+        str(r["threads"]["jax_cpu_devices"]),
         f"{_percent(ld['others_cpu_share']['train'])} / {_percent(ld['others_cpu_share']['sample'])}",
         "yes" if ld["quiet"] else "**no**",
         f"{tr['diffusax']['per_s_median']:.2f}",
@@ -727,9 +755,12 @@ def _percent(share) -> str:
 
 
 def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """digits_cpu.json (replaced atomically) and one appended row of RESULTS.md."""
+    """digits_cpu.json (digits_cpu_Ndev.json with N JAX devices), replaced atomically, and one
+    appended row of RESULTS.md."""
     os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "digits_cpu.json")
+    devices = result["threads"]["jax_cpu_devices"]
+    name = "digits_cpu.json" if devices == 1 else f"digits_cpu_{devices}dev.json"
+    json_path = os.path.join(out_dir, name)
     tmp = json_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
@@ -751,7 +782,8 @@ def print_summary(r: dict) -> None:
     print(f"{r['benchmark']}{'  (QUICK: smoke test, not a measurement)' if r['quick'] else ''}")
     print(
         f"machine: {r['machine']['cpu']['name']}, {r['machine']['usable_cores']} usable cores, "
-        f"torch threads {r['threads']['torch']}, JAX: XLA default"
+        f"torch threads {r['threads']['torch']}, JAX: XLA default threads, "
+        f"{r['threads']['jax_cpu_devices']} CPU device(s)"
     )
     shares = ld["others_cpu_share"]
     print(
@@ -792,6 +824,8 @@ def print_summary(r: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
     os.chdir(ROOT)  # experiments/ are found relative to the repository root
     result = run(args)
     print_summary(result)
