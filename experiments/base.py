@@ -87,6 +87,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 1.0  # 1 = the conditional model, no guidance
     c.sample.clip_x0 = 1.0  # clip predicted x_0 to [-c, c]; 0 = off
     c.sample.label = -1  # -1 = cycle through the classes
+    # Classifier-free guidance on the first N output channels (-1 = all of them). DiT's reference
+    # code guides 3 of the 4 latent channels; set 3 to reproduce its numbers.
+    c.sample.guided_channels = -1
+    # `--mode=interpolate`: walk linearly between these two classes' label embeddings.
+    c.sample.interpolate_classes = (0, 1)
+    c.sample.interpolate_steps = 8
+
+    # Latent diffusion: train on latent shards made once by `--mode=latents` (`make latents`).
+    c.latents = ml_collections.ConfigDict()
+    c.latents.dir = ""  # the shards; "" = diffusion in pixel space
+    # A local SD AutoencoderKL in diffusers format (a folder with config.json and
+    # diffusion_pytorch_model.safetensors, e.g. stabilityai/sd-vae-ft-ema downloaded beforehand).
+    c.latents.vae = ""
+    c.latents.scale_factor = 0.18215  # latents are multiplied by it (SD / DiT convention)
+    c.latents.source = ""  # what `--mode=latents` encodes: a TFDS name, or "folder:PATH"
+    c.latents.source_dir = ""  # TFDS data directory of the source
+    c.latents.source_split = "train"
+    c.latents.image_size = 256  # images are centre-cropped and resized to this before encoding
+    c.latents.shard_size = 1024  # examples per shard file
+    c.latents.batch_size = 32  # encoder batch
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000
