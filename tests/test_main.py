@@ -1,7 +1,7 @@
 """The command line, run as a user runs it: `python -m diffusax.main` in a subprocess.
 
-Subprocesses see one CPU device (as a laptop) and share the compiled programs of
-tests/test_train.py through JAX's persistent compilation cache.
+Subprocesses see one CPU device (`--cpu_devices=1`, where a user's run gets one per core) and
+share the compiled programs of tests/test_train.py through JAX's persistent compilation cache.
 """
 
 import os
@@ -47,7 +47,7 @@ TINY = {
 }
 
 
-def main(mode, workdir, *flags, overrides=TINY, timeout=300):
+def main(mode, workdir, *flags, overrides=TINY, timeout=300, cpu_devices=1):
     """Run `python -m diffusax.main` from the repository root; returns the CompletedProcess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=JAX_CACHE)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
@@ -60,6 +60,7 @@ def main(mode, workdir, *flags, overrides=TINY, timeout=300):
         "--config=experiments/ddpm_digits.py",
         f"--workdir={workdir}",
         f"--mode={mode}",
+        f"--cpu_devices={cpu_devices}",
         *[f"--config.{k}={v}" for k, v in overrides.items()],
         *flags,
     ]
@@ -88,6 +89,17 @@ def test_info_prints_what_a_run_would_use(tmp_path):
     assert "sampler: ddim, 20 steps, guidance 1.5" in out
     # runlocal shrinks to a batch of 16; the explicit override of num_steps comes after it.
     assert "batch: 16 global, 3 steps" in out
+
+
+def test_a_cpu_run_splits_the_batch_over_one_device_per_core(tmp_path):
+    # The default (--cpu_devices=0): the most devices, up to the core count, dividing the batch.
+    cores = len(os.sched_getaffinity(0))
+    for batch in (16, 15):
+        expected = max(d for d in range(1, cores + 1) if batch % d == 0)
+        flags = ("--config.runlocal=True", f"--config.train.batch_size={batch}")
+        done = main("info", tmp_path / "info", *flags, overrides={}, cpu_devices=0)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"mesh: {{'data': {expected}, 'fsdp': 1}} over {expected} cpu" in done.stdout
     assert not (tmp_path / "info").exists(), "info must not write anything"
 
 

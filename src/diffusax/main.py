@@ -23,6 +23,12 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file (experiments/NAME.py)")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, samples and logs")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "info"], "what to do")
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "JAX CPU devices to split the batch over on a CPU host: 0 = one per core (the most that "
+    "divide train.batch_size), -1 = leave JAX's default (one)",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -106,7 +112,8 @@ def main(argv):
     from diffusax import checkpoint, parallel
     from diffusax.train.loop import NonFiniteLossError
 
-    parallel.initialize_distributed()
+    if not parallel.initialize_distributed() and FLAGS.cpu_devices >= 0:
+        parallel.use_cpu_cores(cfg.train.batch_size, FLAGS.cpu_devices)
     try:
         if FLAGS.mode == "info":
             print(describe_run(cfg))

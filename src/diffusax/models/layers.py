@@ -67,14 +67,29 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 def group_norm(
-    channels: int, *, groups: int, eps: float, dtype: Dtype, rngs: nnx.Rngs
+    channels: int,
+    *,
+    groups: int,
+    eps: float,
+    dtype: Dtype,
+    rngs: nnx.Rngs,
+    fast_variance: bool = False,
 ) -> nnx.GroupNorm:
-    """GroupNorm over the last (channel) axis of NHWC or (B, T, C) inputs."""
+    """GroupNorm over the last (channel) axis of NHWC or (B, T, C) inputs.
+
+    ``fast_variance`` computes Var = E[x²] - E[x]² in one pass over x (about 9% off the digits
+    U-Net's CPU train step) instead of E[(x - E[x])²] in two; the two-pass form is exact where
+    |E[x]| >> std (the SD autoencoder's activations on real images), so autoencoders keep it.
+    """
     if channels % groups:
         raise ValueError(f"norm_groups={groups} does not divide the {channels} channels")
-    # The two-pass variance (use_fast_variance=False) keeps float32 parity with PyTorch.
     return nnx.GroupNorm(
-        channels, num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, rngs=rngs
+        channels,
+        num_groups=groups,
+        epsilon=eps,
+        use_fast_variance=fast_variance,
+        dtype=dtype,
+        rngs=rngs,
     )
 
 
@@ -117,16 +132,18 @@ class ResBlock(nnx.Module):
         dropout: float = 0.0,
         norm_groups: int = 32,
         norm_eps: float = 1e-6,
+        norm_fast_variance: bool = False,
         dtype: Dtype = None,
         rngs: nnx.Rngs,
     ):
         self.dropout_rate = dropout
-        self.norm1 = group_norm(c_in, groups=norm_groups, eps=norm_eps, dtype=dtype, rngs=rngs)
+        norm = dict(eps=norm_eps, fast_variance=norm_fast_variance, dtype=dtype, rngs=rngs)
+        self.norm1 = group_norm(c_in, groups=norm_groups, **norm)
         self.conv1 = conv3x3(c_in, c_out, dtype=dtype, rngs=rngs)
         self.temb_proj = (
             dense(temb_dim, c_out, dtype=dtype, rngs=rngs) if temb_dim is not None else None
         )
-        self.norm2 = group_norm(c_out, groups=norm_groups, eps=norm_eps, dtype=dtype, rngs=rngs)
+        self.norm2 = group_norm(c_out, groups=norm_groups, **norm)
         self.conv2 = conv3x3(c_out, c_out, dtype=dtype, rngs=rngs, zero=True)
         self.shortcut = (
             nnx.Conv(c_in, c_out, (1, 1), kernel_init=default_init, dtype=dtype, rngs=rngs)
@@ -163,13 +180,21 @@ class AttentionBlock(nnx.Module):
         num_heads: int = 1,
         norm_groups: int = 32,
         norm_eps: float = 1e-6,
+        norm_fast_variance: bool = False,
         dtype: Dtype = None,
         rngs: nnx.Rngs,
     ):
         if num_heads < 1 or channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the {channels} channels")
         self.num_heads = num_heads
-        self.norm = group_norm(channels, groups=norm_groups, eps=norm_eps, dtype=dtype, rngs=rngs)
+        self.norm = group_norm(
+            channels,
+            groups=norm_groups,
+            eps=norm_eps,
+            fast_variance=norm_fast_variance,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.query = dense(channels, channels, dtype=dtype, rngs=rngs)
         self.key = dense(channels, channels, dtype=dtype, rngs=rngs)
         self.value = dense(channels, channels, dtype=dtype, rngs=rngs)
