@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_digits.py            # full run (~6-8 minutes on 2 quiet
                                                            # cores), writes benchmarks/results/
     .venv/bin/python benchmarks/bench_digits.py --quick    # smoke test (~1 min), writes nothing
-    .venv/bin/python benchmarks/bench_digits.py --cpu-devices 2   # batch split over 2 JAX devices
+    .venv/bin/python benchmarks/bench_digits.py --cpu-devices 1   # the whole batch on one device
     make bench                                             # the full run
 
 What it measures, in one process and one run (see benchmarks/README.md):
 
 - train steps/s at batch 128 of the bundled digits: our jitted train step, built as
-  `diffusax.train.loop.train` builds it (one CPU device by default), against a PyTorch step on diffusers'
+  `diffusax.train.loop.train` builds it (split over one JAX CPU device per core, as
+  `python -m diffusax.main` does by default), against a PyTorch step on diffusers'
   `UNet2DModel` with the same architecture, loss, optimizer, clipping and EMA;
 - samples/s of 1000-step DDPM ancestral sampling at batch 100, classifier-free guidance off:
   our `methods.make_generate` (one jitted `lax.scan`) against a loop of 1000 `UNet2DModel` calls
@@ -105,15 +106,19 @@ def parse_args(argv=None):
     p.add_argument(
         "--cpu-devices",
         type=int,
-        default=1,
+        default=0,
         help="JAX CPU devices (jax_num_cpu_devices); the batches are split over them by the "
-        "data-parallel mesh, as train.loop splits them over all devices (default: 1)",
+        "data-parallel mesh, as train.loop splits them over all devices (default 0: one per "
+        "core, the most that divide the sampling batch, as `diffusax.main` chooses)",
     )
     args = p.parse_args(argv)
     if args.torch_threads < 1:
         p.error("--torch-threads must be >= 1")
     if args.sample_batch < 1:
         p.error("--sample-batch must be >= 1")
+    if args.cpu_devices == 0:
+        cores = len(os.sched_getaffinity(0))
+        args.cpu_devices = max(d for d in range(1, cores + 1) if args.sample_batch % d == 0)
     if args.cpu_devices < 1 or args.sample_batch % args.cpu_devices:
         p.error("--cpu-devices must be >= 1 and divide --sample-batch")
     return args
