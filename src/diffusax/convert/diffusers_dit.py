@@ -31,19 +31,15 @@ How diffusers lays a DiT out, and what becomes of it:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusax.convert import common
 from diffusax.models.dit import DiT
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
 
 # diffusers' DiTTransformer2DModel defaults (0.42), for fields an older config.json leaves out.
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -245,42 +241,18 @@ def load_dit_params(model: DiT, state_dict: Mapping[str, np.ndarray]) -> None:
     no tensor, a shape differs, or the per-block embedder copies differ.
     """
     tensors, used = diffusers_to_dit_tensors(state_dict, model.depth)
-    missing, mismatched = [], []
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        if not isinstance(var, nnx.Param):
-            raise TypeError(f"unexpected non-parameter variable at {path}")
-        target = var.get_value()
+
+    def find(path, ndim):
+        name = "/".join(map(str, path))
         if model.scan_blocks and path[0] == "blocks":  # stacked: one array per leaf
             per_block = [(path[0], i, *path[1:]) for i in range(model.depth)]
             if any(p not in tensors for p in per_block):
-                missing.append("/".join(map(str, path)))
-                continue
-            array = np.stack([tensors[p] for p in per_block])
-        elif path in tensors:
-            array = tensors[path]
-        else:
-            missing.append("/".join(map(str, path)))
-            continue
-        if tuple(array.shape) != tuple(target.shape):
-            mismatched.append(
-                f"{'/'.join(map(str, path))}: checkpoint {array.shape}, model {tuple(target.shape)}"
-            )
-            continue
-        var.set_value(jnp.asarray(array, dtype=target.dtype))
-    unused = sorted(set(state_dict) - used)
-    problems = []
-    if missing:
-        problems.append(f"model parameters missing from the checkpoint: {missing}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched}")
-    if unused:
-        problems.append(f"checkpoint tensors not used by the model: {unused}")
-    if problems:
-        raise ValueError(
-            "diffusers DiT checkpoint does not match the model; " + "; ".join(problems)
-        )
+                return name, None
+            return name, np.stack([tensors[p] for p in per_block])
+        return name, tensors.get(path)
+
+    _, missing, mismatched = common.copy_params(model, find)
+    common.check_fit("diffusers DiT", missing, mismatched, sorted(set(state_dict) - used))
 
 
 def load_diffusers_dit(path: str | os.PathLike, **overrides: Any) -> DiT:
@@ -291,25 +263,11 @@ def load_diffusers_dit(path: str | os.PathLike, **overrides: Any) -> DiT:
     scan_blocks, remat, dtype, fused_attention, class_dropout_prob. The model is built
     abstractly and every parameter then set from the checkpoint (no random initialisation).
     """
-    from safetensors.numpy import load_file  # lazy: only the converter needs safetensors
-
-    config_file = os.path.join(path, CONFIG_NAME)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}")
-    if not os.path.isfile(weights_file):
-        hint = ""
-        if os.path.isfile(os.path.join(path, "diffusion_pytorch_model.bin")):
-            hint = (
-                " (only the .bin is there: re-save it with safetensors, e.g. "
-                "DiTTransformer2DModel.from_pretrained(path).save_pretrained(path))"
-            )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}{hint}")
-    with open(config_file) as f:
-        kwargs = dit_kwargs_from_diffusers(json.load(f))
+    config, state_dict = common.read_folder(path, "DiTTransformer2DModel")
+    kwargs = dit_kwargs_from_diffusers(config)
     clash = sorted(set(overrides) & set(kwargs))
     if clash:
         raise ValueError(f"overrides {clash} would change the checkpoint's architecture")
     model = nnx.eval_shape(lambda: DiT(**kwargs, **overrides, rngs=nnx.Rngs(0)))
-    load_dit_params(model, load_file(weights_file))
+    load_dit_params(model, state_dict)
     return model

@@ -13,19 +13,15 @@ parameter must be set, with matching shapes, or a ValueError lists what is wrong
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusax.convert import common
 from diffusax.models.unet import UNet
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
 
 # diffusers' UNet2DModel defaults (0.42), used for fields an older config.json leaves out.
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -250,40 +246,21 @@ def load_unet_params(model: UNet, state_dict: Mapping[str, np.ndarray]) -> None:
     Works on a concrete or an abstract (`nnx.eval_shape`) model. Raises ValueError if a
     checkpoint tensor is unused, a model parameter has no tensor, or a shape differs.
     """
+    load_named_params(model, state_dict, diffusers_name, "diffusers UNet")
+
+
+def load_named_params(model, state_dict, name_of, what: str) -> None:
+    """Copy tensors named ``name_of(path)`` (diffusers' names) into ``model``, in our layout."""
     tensors = _modernise_keys(state_dict)
-    used: set[str] = set()
-    missing, mismatched = [], []
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        if not isinstance(var, nnx.Param):
-            raise TypeError(f"unexpected non-parameter variable at {path}")
-        name = diffusers_name(path)
+
+    def find(path, ndim):
+        name = name_of(path)
         if name not in tensors:
-            missing.append(name)
-            continue
-        target = var.get_value()
-        array = _to_flax_layout(np.asarray(tensors[name]), path[-1], len(target.shape))
-        if tuple(array.shape) != tuple(target.shape):
-            mismatched.append(
-                f"{name}: checkpoint {tensors[name].shape} -> {array.shape}, "
-                f"model {tuple(target.shape)}"
-            )
-            continue
-        var.set_value(jnp.asarray(array, dtype=target.dtype))
-        used.add(name)
-    unused = sorted(set(tensors) - used)
-    problems = []
-    if missing:
-        problems.append(f"model parameters missing from the checkpoint: {missing}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched}")
-    if unused:
-        problems.append(f"checkpoint tensors not used by the model: {unused}")
-    if problems:
-        raise ValueError(
-            "diffusers UNet checkpoint does not match the model; " + "; ".join(problems)
-        )
+            return name, None
+        return name, _to_flax_layout(np.asarray(tensors[name]), path[-1], ndim)
+
+    used, missing, mismatched = common.copy_params(model, find)
+    common.check_fit(what, missing, mismatched, sorted(set(tensors) - used))
 
 
 def load_diffusers_unet(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> UNet:
@@ -295,22 +272,8 @@ def load_diffusers_unet(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     `rngs` is accepted for symmetry with the constructors and not needed.
     """
     del rngs  # every parameter comes from the checkpoint
-    from safetensors.numpy import load_file  # lazy: only the converter needs safetensors
-
-    config_file = os.path.join(path, CONFIG_NAME)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}")
-    if not os.path.isfile(weights_file):
-        hint = ""
-        if os.path.isfile(os.path.join(path, "diffusion_pytorch_model.bin")):
-            hint = (
-                " (only the .bin is there: re-save it with safetensors, e.g. "
-                "UNet2DModel.from_pretrained(path).save_pretrained(path))"
-            )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}{hint}")
-    with open(config_file) as f:
-        kwargs = unet_kwargs_from_diffusers(json.load(f))
+    config, state_dict = common.read_folder(path, "UNet2DModel")
+    kwargs = unet_kwargs_from_diffusers(config)
     model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
-    load_unet_params(model, load_file(weights_file))
+    load_unet_params(model, state_dict)
     return model

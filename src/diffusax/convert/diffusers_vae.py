@@ -14,21 +14,17 @@ matching shapes, or one ValueError lists everything that is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 # The torch -> flax layout and legacy attention renaming are the same as for the U-Net.
-from diffusax.convert.diffusers_unet import _modernise_keys, _to_flax_layout
+from diffusax.convert import common
+from diffusax.convert.diffusers_unet import load_named_params
 from diffusax.models.autoencoder import AutoencoderKL
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
 
 # diffusers' AutoencoderKL defaults (0.42), used for fields an older config.json leaves out.
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -151,40 +147,7 @@ def load_vae_params(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray]) 
     Works on a concrete or an abstract (`nnx.eval_shape`) model. Raises one ValueError listing
     every checkpoint tensor left unused, model parameter without a tensor, and shape mismatch.
     """
-    tensors = _modernise_keys(state_dict)
-    used: set[str] = set()
-    missing, mismatched = [], []
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        if not isinstance(var, nnx.Param):
-            raise TypeError(f"unexpected non-parameter variable at {path}")
-        name = diffusers_name(path)
-        if name not in tensors:
-            missing.append(name)
-            continue
-        target = var.get_value()
-        array = _to_flax_layout(np.asarray(tensors[name]), path[-1], len(target.shape))
-        if tuple(array.shape) != tuple(target.shape):
-            mismatched.append(
-                f"{name}: checkpoint {tensors[name].shape} -> {array.shape}, "
-                f"model {tuple(target.shape)}"
-            )
-            continue
-        var.set_value(jnp.asarray(array, dtype=target.dtype))
-        used.add(name)
-    unused = sorted(set(tensors) - used)
-    problems = []
-    if missing:
-        problems.append(f"model parameters missing from the checkpoint: {missing}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched}")
-    if unused:
-        problems.append(f"checkpoint tensors not used by the model: {unused}")
-    if problems:
-        raise ValueError(
-            "diffusers AutoencoderKL checkpoint does not match the model; " + "; ".join(problems)
-        )
+    load_named_params(model, state_dict, diffusers_name, "diffusers AutoencoderKL")
 
 
 def load_diffusers_vae(
@@ -198,22 +161,8 @@ def load_diffusers_vae(
     constructors and not needed. `dtype` is the computation dtype; parameters stay float32.
     """
     del rngs  # every parameter comes from the checkpoint
-    from safetensors.numpy import load_file  # lazy: only the converter needs safetensors
-
-    config_file = os.path.join(path, CONFIG_NAME)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}")
-    if not os.path.isfile(weights_file):
-        hint = ""
-        if os.path.isfile(os.path.join(path, "diffusion_pytorch_model.bin")):
-            hint = (
-                " (only the .bin is there: re-save it with safetensors, e.g. "
-                "AutoencoderKL.from_pretrained(path).save_pretrained(path))"
-            )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}{hint}")
-    with open(config_file) as f:
-        kwargs = vae_kwargs_from_diffusers(json.load(f))
+    config, state_dict = common.read_folder(path, "AutoencoderKL")
+    kwargs = vae_kwargs_from_diffusers(config)
     model = nnx.eval_shape(lambda: AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_vae_params(model, load_file(weights_file))
+    load_vae_params(model, state_dict)
     return model
