@@ -40,10 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Compiled programs are shared by the runs of this file and its subprocesses (the programs of
 # equal configs are equal); keyed by the HLO and the jax version, so a stale entry is never used.
 JAX_CACHE = os.path.join(tempfile.gettempdir(), f"diffusax-test-jax-cache-{os.getuid()}")
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# (tests/conftest.py turns JAX's persistent compilation cache on, in this directory.)
 
 # A tiny class-conditional U-Net on the bundled 8x8 digits.
 TINY = {
