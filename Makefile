@@ -6,7 +6,7 @@ EXP ?= ddpm_digits
 WORKDIR ?= runs/$(EXP)
 ARGS ?=
 
-.PHONY: install test train sample eval info bench clean
+.PHONY: install test drills train sample eval info latents bench bench-dit bench-dit-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The reliability drills alone (RELIABILITY.md: kills, SIGTERM, damaged checkpoints, NaN, bad
+# input, device counts, two hosts); `make test` runs them too.
+drills: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_drills_kill.py tests/test_drills_damage.py \
+		tests/test_drills_input.py tests/test_drills_topology.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -36,6 +42,11 @@ sample: $(VENV)/.installed
 eval: $(VENV)/.installed
 	$(RUN) --mode=eval $(ARGS)
 
+# Latent experiments (dit_xl2): encode latents.source once with the frozen VAE into latents.dir.
+# Resumable: run it again after an interruption and it continues with the next shard.
+latents: $(VENV)/.installed
+	$(RUN) --mode=latents $(ARGS)
+
 # What a run would use: parameters, FLOPs, mesh, dataset, method and sampler. Trains nothing.
 info: $(VENV)/.installed
 	$(RUN) --mode=info $(ARGS)
@@ -44,3 +55,13 @@ info: $(VENV)/.installed
 # records benchmarks/results/. `make bench ARGS=--quick` is a smoke test that records nothing.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_digits.py $(ARGS)
+
+# DiT-S/2 and DiT-B/2 training images/s and peak memory against diffusers' DiT on CPU;
+# records benchmarks/results/. `make bench-dit ARGS=--quick` is a smoke test.
+bench-dit: $(VENV)/.installed
+	$(PY) benchmarks/bench_dit.py $(ARGS)
+
+# DiT-XL/2 images/s and MFU on the local GPUs (needs jax's CUDA build: pip install -e '.[cuda]');
+# records benchmarks/results/. `make bench-dit-gpu ARGS=--dry-run` checks it on any machine.
+bench-dit-gpu: $(VENV)/.installed
+	$(PY) benchmarks/gpu_dit_mfu.py $(ARGS)

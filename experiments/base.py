@@ -30,6 +30,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.variant = "XL/2"  # DiT only: S/B/L/XL at patch 2/4/8 (models.dit.VARIANTS)
     c.model.scan_blocks = True  # DiT only: the block stack as one lax.scan (compiles once)
     c.model.fused_attention = False  # DiT only: jax.nn.dot_product_attention's cuDNN kernel
+    # DiT only: sizes that replace the variant's (0 = the variant's value; the patch size always
+    # comes from the variant), for models smaller than the paper's table, e.g. on 8x8 digits.
+    c.model.depth = 0
+    c.model.hidden_size = 0
+    c.model.heads = 0
     c.model.ch = 128
     c.model.ch_mult = (1, 2, 2, 2)
     c.model.num_res_blocks = 2
@@ -81,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m
     c.sample.num_steps = 0  # 0 = every timestep of the schedule
+    # Which num_steps timesteps: trailing | uniform | leading (sampling.timestep_subset).
+    # DiT's FID uses the 250-step DDPM with "uniform" (Improved DDPM's respacing).
+    c.sample.spacing = "trailing"
     c.sample.eta = 0.0
     c.sample.num_samples = 1000
     c.sample.batch_size = 500
@@ -94,19 +102,28 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.interpolate_classes = (0, 1)
     c.sample.interpolate_steps = 8
 
-    # Latent diffusion: train on latent shards made once by `--mode=latents` (`make latents`).
+    # Latent diffusion: train on latent shards made once by `--mode=latents` (`make latents`);
+    # each step draws z = scale_factor * (mu + sigma * eps) from the stored moments, and samples
+    # are decoded by the same VAE (diffusax.data.latents). Set sample.clip_x0 = 0: latents are
+    # not in [-1, 1].
     c.latents = ml_collections.ConfigDict()
     c.latents.dir = ""  # the shards; "" = diffusion in pixel space
     # A local SD AutoencoderKL in diffusers format (a folder with config.json and
     # diffusion_pytorch_model.safetensors, e.g. stabilityai/sd-vae-ft-ema downloaded beforehand).
+    # "tiny-random": a seeded random VAE for smoke tests (meaningless latents). For training and
+    # sampling, "" means the VAE recorded in the shards' manifest.
     c.latents.vae = ""
     c.latents.scale_factor = 0.18215  # latents are multiplied by it (SD / DiT convention)
-    c.latents.source = ""  # what `--mode=latents` encodes: a TFDS name, or "folder:PATH"
+    # What `--mode=latents` encodes: a TFDS name, "folder:PATH" (a sub-folder per class) or
+    # "digits". With data.random_flip the mirrored images are encoded too.
+    c.latents.source = ""
     c.latents.source_dir = ""  # TFDS data directory of the source
     c.latents.source_split = "train"
     c.latents.image_size = 256  # images are centre-cropped and resized to this before encoding
     c.latents.shard_size = 1024  # examples per shard file
-    c.latents.batch_size = 32  # encoder batch
+    c.latents.batch_size = 32  # examples per encoder call (x2 images with the mirrored views)
+    # Encode missing shards when training starts (small sources only: runlocal's digits).
+    c.latents.auto_encode = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000

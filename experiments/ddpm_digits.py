@@ -33,10 +33,10 @@ def get_config(arg=None):
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
-    c.optim.ema_decay = 0.999
+    c.optim.ema_decay = 0.995  # 0.999 would still hold 0.999**1800 = 17% of the initial weights
 
     c.train.batch_size = 128
-    c.train.num_steps = 1800  # ~0.3 s a step on 2 CPU cores: under 10 minutes
+    c.train.num_steps = 1800  # split over one JAX device per core: ~6 minutes on 2 CPU cores
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.grid_samples = 100

@@ -11,6 +11,9 @@ What this module guarantees, and how:
 - No checkpoint holds a non-finite value: `save` runs one jitted finiteness reduction over the
   state (one bool per leaf comes back to the host, nothing else) and refuses to write, naming the
   leaf; `extra` floats are checked too, and `restore` re-checks what it read.
+- A bit flipped on disk is caught: `save` records a checksum of every leaf (the sum of its bits
+  as unsigned words, one jitted reduction) in the step's JSON item, and `restore` recomputes it;
+  a mismatch makes the step damaged (Orbax's array chunks carry no checksum of their own).
 - A step directory appears only when complete: Orbax writes `<step>.orbax-checkpoint-tmp*` and
   renames it last. Temporary directories left by a killed save are removed when a `Checkpointer`
   is opened, so a run killed mid-save resumes from the last complete step.
@@ -23,10 +26,16 @@ What this module guarantees, and how:
   a `CheckpointMismatchError` (a ValueError) naming the step path and the parameters.
 - `restore` takes an abstract state whose leaves carry the target shardings, so a checkpoint
   written on one mesh (8 devices) lands directly on another (4 or 1 devices) and back.
+- A save that cannot be written (a full disk, a read-only directory) raises
+  `CheckpointWriteError` naming the directory and the cause, from `save` or `wait`; the steps
+  already on disk are left as they are. The step directory is created in the caller's thread,
+  so an unwritable directory fails at once (Orbax's asynchronous creation would leave its
+  writer threads waiting minutes for a directory that never appears).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -42,6 +51,7 @@ from etils import epath
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+CHECKSUMS_KEY = "_checksums"  # in the saved `extra` JSON: {leaf name: checksum}
 DAMAGED_DIR = "damaged"
 _MAX_LISTED = 8  # problems listed in one error message
 
@@ -52,6 +62,10 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(RuntimeError):
     """Checkpoints exist but none of the candidate steps could be read."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, directory read-only ...); names the path."""
 
 
 class CheckpointDamagedWarning(UserWarning):
@@ -90,6 +104,25 @@ def _is_inexact(x) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)  # False for integer, bool and PRNG-key dtypes
 
 
+def _per_leaf(reduce_on_device, reduce_on_host, leaves) -> list:
+    """One value per leaf: device arrays by one jitted call per mesh, host values on the host."""
+    out = [None] * len(leaves)
+    by_mesh: dict[Any, list[int]] = {}  # one jit cannot take arrays from different meshes
+    for i, x in enumerate(leaves):
+        if isinstance(x, jax.Array):
+            sharding = x.sharding
+            mesh = getattr(sharding, "mesh", None)
+            key = mesh if mesh is not None else frozenset(sharding.device_set)
+            by_mesh.setdefault(key, []).append(i)
+        else:
+            out[i] = reduce_on_host(x)
+    for indices in by_mesh.values():
+        values = np.asarray(reduce_on_device([leaves[i] for i in indices]))
+        for i, value in zip(indices, values, strict=True):
+            out[i] = value.item()
+    return out
+
+
 def nonfinite_leaves(tree) -> list[str]:
     """Names of the floating leaves of `tree` holding a NaN or an infinity (empty when all finite).
 
@@ -98,21 +131,43 @@ def nonfinite_leaves(tree) -> list[str]:
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     floating = [(path, x) for path, x in flat if _is_inexact(x)]
-    finite = [True] * len(floating)
-    by_mesh: dict[Any, list[int]] = {}  # one jit cannot take arrays from different meshes
-    for i, (_, x) in enumerate(floating):
-        if isinstance(x, jax.Array):
-            sharding = x.sharding
-            mesh = getattr(sharding, "mesh", None)
-            key = mesh if mesh is not None else frozenset(sharding.device_set)
-            by_mesh.setdefault(key, []).append(i)
-        else:
-            finite[i] = bool(np.all(np.isfinite(x)))
-    for indices in by_mesh.values():
-        flags = np.asarray(_finite_per_leaf([floating[i][1] for i in indices]))
-        for i, ok in zip(indices, flags, strict=True):
-            finite[i] = bool(ok)
+    finite = _per_leaf(
+        _finite_per_leaf, lambda x: bool(np.all(np.isfinite(x))), [x for _, x in floating]
+    )
     return [param_name(path) for (path, _), ok in zip(floating, finite, strict=True) if not ok]
+
+
+def _words(x):
+    """The bits of an array as unsigned integers (typed PRNG keys: their key data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, unsigned)  # 8-byte items: a trailing axis of 2
+
+
+@jax.jit
+def _checksum_per_leaf(leaves):
+    """Per leaf, sum(bits as unsigned words) mod 2**32: uint32 (n_leaves,).
+
+    One flipped bit changes a word by 2**k, hence the sum. An integer sum does not depend on the
+    order of the additions, so the value is the same on every mesh and device count.
+    """
+    return jnp.stack([jnp.sum(_words(x).astype(jnp.uint32), dtype=jnp.uint32) for x in leaves])
+
+
+def _host_checksum(x) -> int:
+    x = np.asarray(x)
+    unsigned = {1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)
+    return int(np.sum(x.view(unsigned), dtype=np.uint64) % 2**32)
+
+
+def checksums(tree) -> dict[str, int]:
+    """{leaf name: sum of its bits as unsigned words mod 2**32}, computed where the leaves are."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = _per_leaf(_checksum_per_leaf, _host_checksum, [x for _, x in flat])
+    return {param_name(path): int(v) for (path, _), v in zip(flat, sums, strict=True)}
 
 
 def _json_copy(value, where: str):
@@ -234,6 +289,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # a save killed midway leaves no temporary directory
             create=True,
+            # The step directory is made in save(): an unwritable directory raises there.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -243,6 +300,7 @@ class Checkpointer:
                 EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             },
         )
+        self._in_flight = None  # the step of the last save started (named by a failed write)
         # Orbax removes the temporary directories in the background and awaits that only at the
         # first save; wait now, so that no one (a restore-only run, a test) sees them after init.
         await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
@@ -282,16 +340,24 @@ class Checkpointer:
                 "checkpoints are written in step order"
             )
         extra = _json_copy({} if extra is None else extra, "extra")  # copied: saved async
+        if CHECKSUMS_KEY in extra:
+            raise ValueError(f"extra[{CHECKSUMS_KEY!r}] is reserved for the checkpoint's checksums")
         bad = nonfinite_leaves(state)
         if bad:
             raise FloatingPointError(
                 f"refusing to save step {step}: non-finite values in " + ", ".join(bad)
             )
+        extra[CHECKSUMS_KEY] = checksums(state)
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}
         )
+        with self._write_errors():  # the previous asynchronous save: its failure surfaces here
+            self._manager.wait_until_finished()
         # force: skip Orbax's own interval/initial-save policy; the decision was made above.
-        return bool(self._manager.save(step, args=args, force=True))
+        with self._write_errors(step):
+            started = bool(self._manager.save(step, args=args, force=True))
+        self._in_flight = step if started else self._in_flight
+        return started
 
     def restore(self, abstract_state, step: int | None = None) -> Restored | None:
         """Restore (step, state, extra) with every array placed on its target sharding.
@@ -325,7 +391,7 @@ class Checkpointer:
                 restored = self._restore_step(candidate, target)
             except CheckpointMismatchError:
                 raise  # another model: stop, do not fall back to older steps
-            except Exception as err:  # noqa: BLE001 - anything unreadable: try the previous step
+            except Exception as err:  # anything unreadable: try the previous step
                 damaged.append((candidate, err))
                 continue
             if damaged:
@@ -354,6 +420,15 @@ class Checkpointer:
         bad = nonfinite_leaves(state)
         if bad:  # never written by `save`: the files changed on disk
             raise FloatingPointError(f"{path}: non-finite values in " + ", ".join(bad))
+        saved_sums = extra.pop(CHECKSUMS_KEY, None)  # None: written before checksums existed
+        if saved_sums is not None:
+            now = checksums(state)
+            changed = sorted(k for k, v in saved_sums.items() if now.get(k) != v)
+            if changed:
+                raise ValueError(
+                    f"{path}: checksum mismatch (the bits on disk changed) in "
+                    + ", ".join(changed[:_MAX_LISTED])
+                )
         return Restored(step, state, extra)
 
     def _set_aside(self, damaged: list[tuple[int, BaseException]], good_step: int) -> None:
@@ -378,14 +453,33 @@ class Checkpointer:
             ocp.multihost.sync_global_processes(f"diffusax_set_aside_{next(self._barrier_ids)}")
         self._manager.reload()
 
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None = None):
+        """Re-raise a failed write (ours or an earlier asynchronous one) as CheckpointWriteError."""
+        try:
+            yield
+        except (FloatingPointError, CheckpointWriteError):
+            raise
+        except Exception as err:  # Orbax and tensorstore raise many types
+            step = self._in_flight if step is None else step
+            what = f"step {step} " if step is not None else ""
+            cause = (str(err).strip().splitlines() or [""])[0][:1000]  # names the file, errno
+            raise CheckpointWriteError(
+                f"could not write checkpoint {what}in {self.directory}: "
+                f"{type(err).__name__}: {cause} (the complete steps there are left as they are)"
+            ) from err
+
     def wait(self) -> None:
         """Block until the asynchronous save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
+        with self._write_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release Orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Self:
         return self

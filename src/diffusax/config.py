@@ -39,6 +39,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.nonfinite": ("abort", "skip"),
     "sample.sampler": ("ddpm", "ddim", "dpm++2m"),
+    "sample.spacing": ("trailing", "uniform", "leading"),
 }
 POSITIVE = (
     "model.ch",
@@ -55,6 +56,10 @@ POSITIVE = (
     "sample.num_samples",
     "sample.batch_size",
     "eval.num_samples",
+    "latents.scale_factor",
+    "latents.image_size",
+    "latents.shard_size",
+    "latents.batch_size",
 )
 NON_NEGATIVE = (
     "seed",
@@ -71,6 +76,9 @@ NON_NEGATIVE = (
     "train.grid_samples",
     "eval.bpd_examples",
     "eval.classifier_steps",
+    "model.depth",
+    "model.hidden_size",
+    "model.heads",
 )
 UNIT_INTERVAL = (
     "model.dropout",
@@ -233,20 +241,16 @@ def validate(cfg) -> None:
                 f"config field {path!r} is {fields.get(path)!r}; choose one of {list(names)}"
                 f"{_suggest(str(fields.get(path)), names)}"
             )
-    if fields["model.name"] == "dit":
-        from diffusax.models.dit import VARIANTS
-
-        if fields["model.variant"] not in VARIANTS:
-            raise ConfigError(
-                f"config field 'model.variant' is {fields['model.variant']!r}; choose one of "
-                f"{sorted(VARIANTS)}{_suggest(fields['model.variant'], VARIANTS)}"
-            )
     for path in POSITIVE:
         if not fields[path] > 0:
             raise ConfigError(f"config field {path!r} must be > 0, got {fields[path]!r}")
     for path in NON_NEGATIVE:
         if not fields[path] >= 0:
             raise ConfigError(f"config field {path!r} must be >= 0, got {fields[path]!r}")
+    if fields["model.name"] == "dit":
+        _check_dit_sizes(fields)
+    _check_guidance_fields(fields)
+    _check_latents(fields)
     for path in UNIT_INTERVAL:
         if not 0 <= fields[path] < 1:
             raise ConfigError(f"config field {path!r} must be in [0, 1), got {fields[path]!r}")
@@ -295,6 +299,65 @@ def validate(cfg) -> None:
         raise ConfigError("config fields 'train.mesh_data' (-1 or >= 1) / 'train.mesh_fsdp' (>= 1)")
 
 
+def _check_dit_sizes(fields) -> None:
+    """The DiT variant exists and the explicit sizes (model.depth / hidden_size / heads) fit it."""
+    from diffusax.models.dit import VARIANTS, resolve_variant
+
+    variant = fields["model.variant"]
+    if variant not in VARIANTS:
+        raise ConfigError(
+            f"config field 'model.variant' is {variant!r}; choose one of "
+            f"{sorted(VARIANTS)}{_suggest(variant, VARIANTS)}"
+        )
+    sizes = {
+        "depth": fields["model.depth"] or None,
+        "hidden": fields["model.hidden_size"] or None,
+        "heads": fields["model.heads"] or None,
+    }
+    try:
+        resolve_variant(variant, **sizes)
+    except ValueError as e:
+        raise ConfigError(
+            f"config fields 'model.hidden_size' / 'model.heads' (0 = the variant's) do not fit "
+            f"DiT {variant}: {e}"
+        ) from e
+
+
+def _check_latents(fields) -> None:
+    """The latent-shard fields: a source that can be named, no clipping of latents to [-1, 1]."""
+    source = fields["latents.source"]
+    if source.startswith("folder:") and not source.removeprefix("folder:"):
+        raise ConfigError("config field 'latents.source' 'folder:PATH' needs a PATH")
+    if fields["latents.auto_encode"] and not fields["latents.dir"]:
+        raise ConfigError("config field 'latents.auto_encode' needs latents.dir (where to write)")
+    if fields["latents.dir"] and 0 < fields["sample.clip_x0"] <= 1:
+        raise ConfigError(
+            f"config field 'sample.clip_x0' ({fields['sample.clip_x0']}) would clip latents, "
+            f"which are not in [-1, 1]; set sample.clip_x0=0 for latent diffusion"
+        )
+
+
+def _check_guidance_fields(fields) -> None:
+    """sample.guided_channels and the label-interpolation fields."""
+    guided = fields["sample.guided_channels"]
+    if guided != -1 and guided < 1:
+        raise ConfigError(
+            f"config field 'sample.guided_channels' must be -1 (every channel) or a number of "
+            f"channels >= 1, got {guided}"
+        )
+    classes = fields["sample.interpolate_classes"]
+    if len(classes) != 2 or any(c < 0 for c in classes):
+        raise ConfigError(
+            f"config field 'sample.interpolate_classes' must be two class indices (a, b), got "
+            f"{classes!r}"
+        )
+    if fields["sample.interpolate_steps"] < 2:
+        raise ConfigError(
+            f"config field 'sample.interpolate_steps' must be >= 2 (both ends), got "
+            f"{fields['sample.interpolate_steps']}"
+        )
+
+
 def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
     """The checks that need the dataset and the devices; still before any compilation."""
     data, fsdp = cfg.train.mesh_data, cfg.train.mesh_fsdp
@@ -322,6 +385,12 @@ def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
         raise ConfigError(
             f"config field 'sample.label' ({cfg.sample.label}) is not a class of dataset "
             f"{cfg.data.name!r} (0..{num_classes - 1})"
+        )
+    guided = cfg.sample.guided_channels
+    if guided > image_shape[-1]:
+        raise ConfigError(
+            f"config field 'sample.guided_channels' ({guided}) exceeds the {image_shape[-1]} "
+            f"channels the model generates (-1 guides them all)"
         )
     from diffusax import models
 

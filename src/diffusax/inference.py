@@ -1,4 +1,5 @@
-"""Load a trained run's EMA parameters and draw samples from it (`--mode=sample`)."""
+"""Load a trained run's EMA parameters and draw samples from it (`--mode=sample`), or walk
+between two classes' label embeddings (`--mode=interpolate`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 from diffusax import checkpoint, methods, models
+from diffusax import config as config_lib
 from diffusax.evaluate import images as image_io
 from diffusax.train import loop, optim
 from diffusax.train.state import abstract_train_state, model_graphdef
@@ -105,4 +107,59 @@ def sample_to_disk(cfg, workdir: str) -> str:
         trained.num_classes if trained.num_classes and n_grid % trained.num_classes == 0 else None
     )
     image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:n_grid], ncols)
+    return path
+
+
+def interpolation_weights(num_classes: int, class_a: int, class_b: int, steps: int) -> np.ndarray:
+    """Label weights (steps, num_classes + 1): w_j = (1 - λ_j) onehot(a) + λ_j onehot(b),
+    λ_j = j / (steps - 1), so that w_j E = (1 - λ_j) E[a] + λ_j E[b] (``layers.embed_labels``)."""
+    lam = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]  # (steps, 1)
+    eye = np.eye(num_classes + 1, dtype=np.float32)
+    return (1.0 - lam) * eye[class_a] + lam * eye[class_b]  # (steps, num_classes + 1)
+
+
+def interpolate(
+    trained: Trained, class_a: int, class_b: int, steps: int, key, *, sample_cfg=None
+) -> np.ndarray:
+    """``steps`` samples (steps, H, W, C) in [-1, 1] while the label embedding walks linearly
+    from class a's to class b's; every one starts from the same noise and draws the same noise
+    at each step, so only the label changes along the strip.
+
+    Sample j is ``generate(params, w_j[None], key)`` of ``methods.make_generate`` with a batch
+    of one: its ends are exactly the ordinary class-a and class-b samples of that key. Guidance
+    (``sample.guidance_scale``) takes the null label as its unconditional branch.
+    """
+    cfg, num_classes = trained.cfg, trained.num_classes
+    if num_classes is None:
+        raise config_lib.ConfigError(
+            "label interpolation needs a class-conditional model (model.class_conditional=True)"
+        )
+    for c in (class_a, class_b):
+        if not 0 <= c < num_classes:
+            raise config_lib.ConfigError(
+                f"config field 'sample.interpolate_classes' ({class_a}, {class_b}): {c} is not a "
+                f"class of dataset {cfg.data.name!r} (0..{num_classes - 1})"
+            )
+    s = (sample_cfg or cfg.sample).copy_and_resolve_references()
+    with s.unlocked():
+        s.batch_size = 1
+    generate = methods.make_generate(
+        cfg, trained.apply_fn, trained.sched, num_classes, trained.image_shape, sample_cfg=s
+    )
+    one = lambda params, w, key: generate(params, w[None], key)[0]  # (H, W, C)
+    run = jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
+    weights = interpolation_weights(num_classes, class_a, class_b, steps)
+    return methods._to_host(run(trained.params, weights, key))  # (steps, H, W, C)
+
+
+def interpolate_to_disk(cfg, workdir: str) -> str:
+    """`--mode=interpolate`: write samples/interpolate_<a>_<b>.png, a strip of
+    ``sample.interpolate_steps`` samples from class a to class b."""
+    trained = load_trained(cfg, workdir)
+    a, b = cfg.sample.interpolate_classes
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)
+    images = interpolate(trained, a, b, cfg.sample.interpolate_steps, key)
+    path = os.path.join(workdir, "samples", f"interpolate_{a}_{b}.png")
+    if jax.process_index() == 0:
+        image_io.save_grid(path, images, ncols=len(images))
     return path

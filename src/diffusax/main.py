@@ -1,12 +1,15 @@
-"""Command line: train, sample, evaluate or describe an experiment.
+"""Command line: train, sample, evaluate or describe an experiment, or interpolate between two
+classes (`--mode=interpolate`: samples/interpolate_<a>_<b>.png).
 
     python -m diffusax.main --config=experiments/ddpm_digits.py --workdir=runs/ddpm_digits \\
         --mode=train [--config.train.num_steps=500 ...]
 
-The Makefile wraps it: `make train|sample|eval|info EXP=NAME [WORKDIR=...] [ARGS='--config.a=b']`.
-Exit status: 0 done, 1 the run failed (a non-finite loss: the message names the step), 2 bad
-flags, config or input, 143 after SIGTERM and 130 after Ctrl-C (the state was saved first: run
-the same command again to resume).
+The Makefile wraps it: `make train|sample|eval|info EXP=NAME [WORKDIR=...] [ARGS='--config.a=b']`;
+`make latents EXP=NAME` (`--mode=latents`) encodes a latent experiment's images once.
+Exit status: 0 done, 1 the run failed (a non-finite loss: the message names the step; a
+checkpoint that could not be written: it names the directory), 2 bad flags, config or input,
+143 after SIGTERM and 130 after Ctrl-C (the state was saved first: run the same command again
+to resume). RELIABILITY.md lists what each is tested against.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from diffusax import config as config_lib
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file (experiments/NAME.py)")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, samples and logs")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "info"], "what to do")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "eval", "info", "interpolate", "latents"], "what to do"
+)
 flags.DEFINE_integer(
     "cpu_devices",
     0,
@@ -39,13 +44,19 @@ def describe_run(cfg) -> str:
 
     from diffusax import models
     from diffusax.train import loop
-    from diffusax.train.state import model_graphdef
+    from diffusax.train.state import model_builder, model_graphdef
 
     mesh, source, build, num_classes = loop.setup(cfg)
     info = source.info
     key = jax.random.key(cfg.seed)
     abstract_model = nnx.eval_shape(lambda: build(key))
     n_params = models.count_params(abstract_model)
+    if cfg.model.name == "dit" and cfg.model.scan_blocks:
+        # XLA's cost analysis counts a loop's body once: count a scanned DiT's blocks unrolled.
+        unrolled = cfg.copy_and_resolve_references()
+        unrolled.model.scan_blocks = False
+        build = model_builder(unrolled, tuple(info.image_shape), num_classes)
+        abstract_model = nnx.eval_shape(lambda: build(key))
     flops = models.forward_flops(
         model_graphdef(build, key), abstract_model, info.image_shape, num_classes
     )
@@ -76,7 +87,8 @@ def _flag_error_message(argv, error: Exception) -> str | None:
                 config_lib.check_field_name(name)
             except config_lib.ConfigError as e:
                 return f"{e} (flag {arg})"
-    return str(error) if isinstance(error, flags.Error) else None
+    # OSError: the experiment file cannot be read (config_flags loads it while parsing).
+    return str(error) if isinstance(error, flags.Error | OSError) else None
 
 
 def parse_flags(argv):
@@ -87,7 +99,7 @@ def parse_flags(argv):
     """
     try:
         return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as e:
+    except (flags.Error, AttributeError, KeyError, OSError) as e:
         message = _flag_error_message(argv, e)
         if message is None:
             raise
@@ -106,7 +118,7 @@ def main(argv):
             config_flags.get_config_filename(FLAGS["config"]),
             config_flags.get_override_values(FLAGS["config"]),
         )
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, OSError) as e:  # OSError: the experiment file is unreadable
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from diffusax import checkpoint, parallel
@@ -127,16 +139,26 @@ def main(argv):
             from diffusax import inference
 
             print(f"wrote {inference.sample_to_disk(cfg, FLAGS.workdir)}")
+        elif FLAGS.mode == "latents":  # encode latents.source once into latent shards
+            from diffusax.data import latents
+
+            print(f"wrote {latents.encode_from_config(cfg)}")
+        elif FLAGS.mode == "interpolate":
+            from diffusax import inference
+
+            print(f"wrote {inference.interpolate_to_disk(cfg, FLAGS.workdir)}")
         elif FLAGS.mode == "eval":
             from diffusax.evaluate import run as eval_run
 
             print(eval_run.format_report(eval_run.evaluate(cfg, FLAGS.workdir)))
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (
         ValueError,
         FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
         PermissionError,
         checkpoint.DamagedCheckpointError,
     ) as e:

@@ -50,11 +50,20 @@ def sample_labels(num: int, num_classes: int | None, label: int = -1):
 def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=None, mesh=None):
     """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
 
-    ``sample_cfg`` (default ``cfg.sample``) chooses the sampler, its step count, η, guidance and
-    x_0 clipping. Guidance runs the conditional and unconditional model in one batched call.
-    With ``mesh`` the batch is split over its devices (the batch size must divide evenly);
-    without, replicated parameters would make every device compute the whole batch.
+    ``sample_cfg`` (default ``cfg.sample``) chooses the sampler, its step count and spacing, η,
+    guidance and x_0 clipping. Guidance runs the conditional and unconditional model in one
+    batched call, on every output channel or the first ``guided_channels``. ``labels`` are (B,)
+    class indices or (B, num_classes + 1) float label weights (``layers.embed_labels``), whose
+    unconditional branch is the one-hot null label. With ``mesh`` the batch is split over its
+    devices (the batch size must divide evenly); without, replicated parameters would make every
+    device compute the whole batch. Latent models (``latents.dir``) sample latents, which are
+    decoded to images by the shards' VAE (``latents.make_decoder``) before they are returned.
     """
+    decode = None
+    if cfg.latents.dir:
+        from diffusax.data import latents
+
+        decode = latents.make_decoder(cfg, mesh)
     s = sample_cfg or cfg.sample
     d = cfg.diffusion
     learned = d.var_type in diffusion.LEARNED_VAR_TYPES
@@ -63,8 +72,15 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
     def generate(params, labels, key):
         net = lambda x, t, y: apply_fn(params, x, t, y)
         if conditional and s.guidance_scale != 1.0:
+            null = num_classes
+            if jnp.issubdtype(labels.dtype, jnp.floating):  # label weights: a one-hot null
+                null = jax.nn.one_hot(num_classes, num_classes + 1, dtype=labels.dtype)
             net = sampling.classifier_free_guidance(
-                net, s.guidance_scale, null_label=num_classes, learned_variance=learned
+                net,
+                s.guidance_scale,
+                null_label=null,
+                learned_variance=learned,
+                guided_channels=None if s.guided_channels == -1 else s.guided_channels,
             )
         model_fn = sampling.bind_condition(net, labels)
         shape = (labels.shape[0] if labels is not None else s.batch_size, *image_shape)
@@ -78,15 +94,19 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
             key,
             sampler=s.sampler,
             num_steps=s.num_steps or None,
+            spacing=s.spacing,
             prediction=d.prediction,
             var_type=d.var_type,
             eta=s.eta,
             clip_x0=s.clip_x0 or None,
             x_T=x_T,
         )
-        return jnp.clip(x, -1.0, 1.0)
+        return x if decode else jnp.clip(x, -1.0, 1.0)  # latents are not in [-1, 1]
 
-    return jax.jit(generate)
+    if decode is None:
+        return jax.jit(generate)
+    generate_latents = jax.jit(generate)
+    return lambda params, labels, key: decode(generate_latents(params, labels, key))
 
 
 def padded_batch_size(batch_size: int, num_devices: int) -> int:

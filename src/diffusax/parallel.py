@@ -3,8 +3,10 @@
 One mesh with two axes serves every model:
 
 - ``data``: data parallelism; parameters are replicated along it.
-- ``fsdp``: fully sharded data parallelism; parameters and optimizer state are split along it
-  (by the train code), and the batch is split along it too, so every device sees its own rows.
+- ``fsdp``: fully sharded data parallelism; parameters, optimizer state and EMA are split along
+  it (``fsdp_shardings``), and the batch is split along it too, so every device sees its own rows.
+  XLA's sharding propagation gathers each parameter where a layer needs it and sums its
+  gradient back onto the shards, so the maths is that of the replicated model.
 
 The batch is therefore sharded over both axes, ``P(('data', 'fsdp'))``: a global batch of B rows
 puts B / (data * fsdp) rows on each device. Each process loads only the rows its own devices
@@ -17,6 +19,7 @@ because ``jax.make_mesh`` defaults to explicit axes in recent jax releases.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -26,6 +29,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
+# Arrays with fewer elements stay replicated under fsdp: biases and norms save little memory and
+# would each cost a collective.
+FSDP_MIN_SIZE = 1024
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -75,6 +81,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def fsdp_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+    """How to split an array of ``shape`` over an ``fsdp`` axis of ``fsdp_size`` devices.
+
+    Its largest dimension divisible by ``fsdp_size`` (the last of equal ones: a kernel's output
+    features) is split; an array with fewer than ``min_size`` elements, or with no such dimension,
+    is replicated (``PartitionSpec()``), as is everything when ``fsdp_size`` is 1.
+    """
+    shape = tuple(shape)
+    if fsdp_size == 1 or math.prod(shape) < min_size:
+        return PartitionSpec()
+    divisible = [i for i, n in enumerate(shape) if n % fsdp_size == 0]
+    if not divisible:
+        return PartitionSpec()
+    dim = max(divisible, key=lambda i: (shape[i], i))
+    return PartitionSpec(*(("fsdp" if i == dim else None) for i in range(len(shape))))
+
+
+def fsdp_shardings(abstract_tree, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
+    """A ``NamedSharding`` for each array leaf of ``abstract_tree`` (arrays or ShapeDtypeStructs).
+
+    Each leaf is split over the mesh's ``fsdp`` axis by ``fsdp_spec`` and replicated over
+    ``data``. Applied to a whole train state it shards the parameters, the optimizer moments
+    (which have the parameters' shapes) and the EMA alike, and replicates scalars such as the
+    step counter. With ``fsdp`` = 1 everything is replicated: plain data parallelism.
+    """
+    if "fsdp" not in mesh.shape:
+        raise ValueError(f"fsdp_shardings: the mesh has no 'fsdp' axis: {dict(mesh.shape)}")
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), abstract_tree
+    )
+
+
 def check_global_batch(mesh: Mesh, global_batch: int) -> None:
     """Raise ValueError unless ``global_batch`` splits evenly over the mesh's devices."""
     if not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
@@ -120,7 +159,7 @@ def host_to_global(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, j
                 f"process's {local_devices} devices"
             )
         global_rows = value.shape[0] // local_devices * mesh.size
-        global_shape = (global_rows,) + value.shape[1:]
+        global_shape = (global_rows, *value.shape[1:])
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
 

@@ -5,6 +5,9 @@ source = data.load_source("cifar10", "train", data_dir)  # a prepared TFDS datas
 loader = data.Loader(source, mesh, global_batch=128, seed=0, random_flip=True)
 batch = next(loader)        # {'image': (128, H, W, C) f32, 'label': (128,) i32}, sharded
 ckpt = loader.state()       # {'step', 'seed', 'num_examples'}; loader.restore(ckpt)
+
+Latent diffusion reads latent shards made once by the frozen autoencoder (``latents.py``):
+source = latents.LatentSource("data/imagenet256_latents")   # batches of z = s (μ + σ ε)
 """
 
 from diffusax.data.pipeline import (
@@ -13,6 +16,7 @@ from diffusax.data.pipeline import (
     epoch_permutation,
     flip_mask,
     host_batch,
+    noise_rows,
     read_rows,
 )
 from diffusax.data.sources import ArraySource, DatasetInfo, digits, validate_info
@@ -54,6 +58,7 @@ __all__ = [
     "flip_mask",
     "host_batch",
     "load_source",
+    "noise_rows",
     "read_rows",
     "validate_info",
 ]

@@ -7,7 +7,9 @@ dropped: every example appears exactly once per epoch, and a batch that straddle
 epoch takes its last rows from the next epoch ("wrap" semantics; B > N is allowed).
 
 Random horizontal flips are drawn per global batch row from (seed, step), so each row's flip is
-the same whatever the number of processes.
+the same whatever the number of processes. So is the noise ε of sources that store a
+distribution per example (latent shards: z = s (μ + σ ε), see ``latents.py``): row r of batch
+``step`` draws it from (seed, step, r), and such a source picks its mirrored view for a flip.
 
 Multi-host: each process reads only the rows its devices hold (``parallel.process_rows``) and
 ``parallel.host_to_global`` assembles the global ``jax.Array``.
@@ -25,6 +27,7 @@ from diffusax import parallel
 
 _PERMUTATION_STREAM = 0  # separate random streams for the order and the flips
 _FLIP_STREAM = 1
+_NOISE_STREAM = 2
 
 
 def _check_seed(seed) -> int:
@@ -68,10 +71,29 @@ def flip_mask(global_batch: int, step: int, seed: int) -> np.ndarray:
     return rng.random(global_batch) < 0.5
 
 
+def noise_rows(shape, step: int, seed: int, rows) -> np.ndarray:
+    """ε ~ N(0, I), float32 (n, *shape), for global rows ``rows`` of batch ``step``.
+
+    Row r draws from its own stream (seed, step, r), so a row's noise never depends on which
+    process reads it or how many rows the process reads.
+    """
+    seed, step = _check_seed(seed), int(step)
+    out = np.empty((len(rows), *shape), np.float32)
+    for i, r in enumerate(rows):
+        rng = np.random.default_rng([seed, _NOISE_STREAM, step, int(r)])
+        out[i] = rng.standard_normal(shape, dtype=np.float32)
+    return out
+
+
 def read_rows(source, step, seed, global_batch, rows, random_flip=False) -> dict[str, np.ndarray]:
     """Rows ``rows`` (global batch positions) of batch ``step``, as numpy arrays."""
     rows = np.asarray(rows, dtype=np.int64)
-    batch = source.read(batch_indices(len(source), global_batch, step, seed)[rows])
+    indices = batch_indices(len(source), global_batch, step, seed)[rows]
+    if hasattr(source, "read_sampled"):  # one draw per row from the example's stored q(z | x)
+        flip = flip_mask(global_batch, step, seed)[rows] if random_flip else None
+        noise = noise_rows(tuple(source.info.image_shape), step, seed, rows)
+        return source.read_sampled(indices, noise, flip)
+    batch = source.read(indices)
     if random_flip:
         flip = flip_mask(global_batch, step, seed)[rows]
         image = batch["image"]  # (n, H, W, C)

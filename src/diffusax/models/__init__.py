@@ -68,6 +68,10 @@ def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, 
     if model_cfg.name == "dit":
         return DiT(
             variant=model_cfg.variant,
+            # explicit sizes replace the variant's (0 or absent = the variant's value)
+            depth=model_cfg.get("depth", 0) or None,
+            hidden=model_cfg.get("hidden_size", 0) or None,
+            heads=model_cfg.get("heads", 0) or None,
             input_size=height,
             in_channels=channels,
             num_classes=num_classes if model_cfg.class_conditional else None,

@@ -43,7 +43,14 @@ import numpy as np
 from flax import nnx
 
 from diffusax.losses import drop_labels
-from diffusax.models.layers import Dtype, count_params, default_init, timestep_embedding
+from diffusax.models.layers import (
+    Dtype,
+    check_labels,
+    count_params,
+    default_init,
+    embed_labels,
+    timestep_embedding,
+)
 
 __all__ = [
     "VARIANTS",
@@ -388,7 +395,9 @@ class DiT(nnx.Module):
         """x: (B, H, W, in_channels) with H = W = input_size, t: (B,) or scalar, y: (B,) labels.
 
         Returns (B, H, W, out_channels) float32. With `dropout_key`, labels are replaced by the
-        null label with probability `class_dropout_prob`; y=None means the null label.
+        null label with probability `class_dropout_prob`; y=None means the null label. y may also
+        be (B, num_classes + 1) float label weights w: the label embedding is then w E, the
+        weighted sum of the table's rows (`layers.embed_labels`; label interpolation).
         """
         t, y = self._check_inputs(x, t, y)
         _, height, width, _ = x.shape
@@ -398,8 +407,10 @@ class DiT(nnx.Module):
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             if dropout_key is not None and self.class_dropout_prob > 0:
+                if not jnp.issubdtype(y.dtype, jnp.integer):
+                    raise ValueError("label dropout (a dropout_key) needs integer labels y")
                 y = drop_labels(y, dropout_key, self.class_dropout_prob, self.num_classes)
-            c = c + self.y_embedder(y).astype(jnp.float32)  # (B, D)
+            c = c + embed_labels(self.y_embedder, y).astype(jnp.float32)  # (B, D)
         h = self._run_blocks(h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p*p*out_channels)
         return unpatchify(h, self.patch, height, width).astype(jnp.float32)  # (B, H, W, out)
@@ -447,10 +458,7 @@ class DiT(nnx.Module):
             return t, None
         if y is None:
             return t, jnp.full((b,), self.num_classes, jnp.int32)  # the null label
-        y = jnp.asarray(y)
-        if y.shape != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"y must be (B,)=({b},) integer labels, got {y.shape} {y.dtype}")
-        return t, y
+        return t, check_labels(y, b, self.num_classes, "DiT")
 
 
 def _check_config(patch, input_size, in_channels, num_classes, mlp_ratio, class_dropout_prob):

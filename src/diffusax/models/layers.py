@@ -262,6 +262,36 @@ class Upsample(nnx.Module):
         return self.conv(upsample_nearest(x))  # (B, 2H, 2W, C)
 
 
+def check_labels(y, batch: int, num_classes: int, model: str) -> jax.Array:
+    """``y`` as (B,) int labels or (B, num_classes + 1) label weights; ValueError otherwise."""
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.integer) and y.shape == (batch,):
+        return y
+    if jnp.issubdtype(y.dtype, jnp.floating) and y.shape == (batch, num_classes + 1):
+        return y
+    raise ValueError(
+        f"y must be (B,)=({batch},) integer labels or ({batch}, {num_classes + 1}) float label "
+        f"weights (the last column is the null label) for the {model}, got {y.shape} {y.dtype}"
+    )
+
+
+def embed_labels(embed: nnx.Embed, y: jax.Array) -> jax.Array:
+    """Label embeddings (B, D) from int labels y (B,), or from label weights w (B, K + 1):
+
+        e = E[y]    or    e = Σ_k w_k E[k]  =  w E,
+
+    with E the (K + 1, D) table (row K: the null label). A one-hot w gives the row exactly, and
+    w = (1 - λ) onehot(a) + λ onehot(b) the straight line (1 - λ) E[a] + λ E[b] between two
+    classes' embeddings (label interpolation). The product is taken at full float32 precision
+    (GPUs would otherwise round it to TF32) and cast to the layer's dtype, as the lookup is.
+    """
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return embed(y)  # (B, D)
+    table = embed.embedding[...].astype(jnp.float32)  # (K + 1, D)
+    out = jnp.matmul(y.astype(jnp.float32), table, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(embed.dtype)  # (B, D)
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of scalar parameters (nnx.Param leaves) in a model, abstract (eval_shape) or not."""
     params = nnx.state(model, nnx.Param)

@@ -29,9 +29,11 @@ from diffusax.models.layers import (
     Dtype,
     ResBlock,
     Upsample,
+    check_labels,
     conv3x3,
     count_params,
     dense,
+    embed_labels,
     group_norm,
     timestep_embedding,
 )
@@ -208,7 +210,8 @@ class UNet(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """x: (B, H, W, in_channels), t: (B,) or scalar, y: (B,) int labels or None.
+        """x: (B, H, W, in_channels), t: (B,) or scalar, y: (B,) int labels or None, or
+        (B, num_classes + 1) float label weights (`layers.embed_labels`).
 
         Returns (B, H, W, out_channels) float32. Dropout is applied only when `dropout_key` is
         given. With `num_classes` set, y=None means the null label for every example.
@@ -219,7 +222,7 @@ class UNet(nnx.Module):
         )  # (B, ch)
         temb = self.time_embed_2(nnx.silu(self.time_embed_1(temb)))  # (B, 4ch)
         if self.class_embed is not None:
-            temb = temb + self.class_embed(y)  # (B, 4ch)
+            temb = temb + embed_labels(self.class_embed, y)  # (B, 4ch)
 
         apply_res = _apply_res_block_remat if self.remat else _apply_res_block
         block_index = 0
@@ -285,10 +288,7 @@ class UNet(nnx.Module):
             return t, None
         if y is None:
             return t, jnp.full((b,), self.num_classes, jnp.int32)  # the null label
-        y = jnp.asarray(y)
-        if y.shape != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"y must be (B,)=({b},) integer labels, got {y.shape} {y.dtype}")
-        return t, y
+        return t, check_labels(y, b, self.num_classes, "U-Net")
 
 
 def _check_config(

@@ -78,13 +78,18 @@ def _signal_handlers(flag):
 def setup(cfg, *, devices=None):
     """Everything a run needs, checked before compiling: mesh, data source, schedule, model."""
     devices = list(jax.devices() if devices is None else devices)
-    source = data.load_source(
-        cfg.data.name,
-        cfg.data.train_split,
-        cfg.data.data_dir or None,
-        image_key=cfg.data.image_key,
-        label_key=cfg.data.label_key or None,
-    )
+    if cfg.latents.dir:  # latent diffusion: the model's "images" are the VAE's latents
+        from diffusax.data import latents
+
+        source = latents.open_source(cfg)
+    else:
+        source = data.load_source(
+            cfg.data.name,
+            cfg.data.train_split,
+            cfg.data.data_dir or None,
+            image_key=cfg.data.image_key,
+            label_key=cfg.data.label_key or None,
+        )
     info = source.info
     config_lib.check_runtime(cfg, info.image_shape, info.num_classes, len(devices))
     mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=devices)
@@ -104,9 +109,9 @@ def setup(cfg, *, devices=None):
 
 
 def _shardings(abstract, mesh):
-    # Data parallelism: every parameter and optimizer moment is replicated over the mesh.
-    repl = parallel.replicated(mesh)
-    return jax.tree.map(lambda _: repl, abstract)
+    # Parameters, optimizer moments and EMA split over the mesh's fsdp axis (replicated when
+    # train.mesh_fsdp = 1, plain data parallelism); scalars such as the step replicated.
+    return parallel.fsdp_shardings(abstract, mesh)
 
 
 def _with_shardings(abstract, shardings):
@@ -120,9 +125,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     config_lib.validate(cfg)
     mesh, source, build, num_classes = setup(cfg, devices=devices)
     image_shape = tuple(source.info.image_shape)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise PermissionError(f"workdir {workdir!r} is not writable")
+    _check_workdir(workdir)
 
     sched = methods.make_schedule(cfg)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
@@ -224,11 +227,13 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             writer.close()
         raise
     finally:
-        ckpt.wait()
-        ckpt.close()
-        loader.close()
-        if progress is not None:
-            progress.close()
+        try:
+            with _signal_handlers(flag):  # a signal now must not cut the last save short
+                ckpt.close()  # waits for the save in flight; a failed write raises here
+        finally:
+            loader.close()
+            if progress is not None:
+                progress.close()
     if not stopped_by and steps_done:
         _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, None)
         if writer:
@@ -236,6 +241,16 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     elif writer:
         writer.close()
     return TrainResult(state, graphdef, losses, stopped_by, start)
+
+
+def _check_workdir(workdir) -> None:
+    """Create ``workdir``; an OSError naming it unless it is a readable, writable directory."""
+    for path in (workdir, os.path.join(workdir, "checkpoints")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"workdir {workdir!r}: {path!r} is not a directory")
+    os.makedirs(workdir, exist_ok=True)  # NotADirectoryError when a parent is a file
+    if not os.access(workdir, os.R_OK | os.W_OK | os.X_OK):
+        raise PermissionError(f"workdir {workdir!r} is not readable and writable")
 
 
 def _restore_or_init(ckpt, abstract, shardings, digest, build, optimizer, key):
