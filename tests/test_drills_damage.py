@@ -67,7 +67,7 @@ def _read_unchecked(step: Path):
     try:
         with ocp.StandardCheckpointer() as reader:
             return reader.restore(step / "state", target)
-    except Exception:
+    except Exception:  # any decoding error: this flip is not silent
         return None
 
 
