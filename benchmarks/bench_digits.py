@@ -759,25 +759,31 @@ def _percent(share) -> str:
     return "?" if share is None else f"{100 * share:.0f}%"
 
 
-def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """digits_cpu.json (digits_cpu_Ndev.json with N JAX devices), replaced atomically, and one
-    appended row of RESULTS.md."""
+def save_results(result: dict, out_dir: str, json_name: str, md_name: str, header: str, rows: str):
+    """``result`` as ``json_name`` (replaced atomically) and ``rows`` appended to ``md_name``
+    (created with ``header``), both in ``out_dir``; returns the two paths."""
     os.makedirs(out_dir, exist_ok=True)
-    devices = result["threads"]["jax_cpu_devices"]
-    name = "digits_cpu.json" if devices == 1 else f"digits_cpu_{devices}dev.json"
-    json_path = os.path.join(out_dir, name)
+    json_path = os.path.join(out_dir, json_name)
     tmp = json_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     os.replace(tmp, json_path)
-    md_path = os.path.join(out_dir, "RESULTS.md")
+    md_path = os.path.join(out_dir, md_name)
     new = not os.path.exists(md_path)
     with open(md_path, "a") as f:
         if new:
-            f.write(RESULTS_HEADER)
-        f.write(results_row(result))
+            f.write(header)
+        f.write(rows)
     return json_path, md_path
+
+
+def write_results(result: dict, out_dir: str) -> tuple[str, str]:
+    """digits_cpu.json (digits_cpu_Ndev.json with N JAX devices), replaced atomically, and one
+    appended row of RESULTS.md."""
+    devices = result["threads"]["jax_cpu_devices"]
+    name = "digits_cpu.json" if devices == 1 else f"digits_cpu_{devices}dev.json"
+    return save_results(result, out_dir, name, "RESULTS.md", RESULTS_HEADER, results_row(result))
 
 
 def print_summary(r: dict) -> None:

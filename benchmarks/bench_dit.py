@@ -808,22 +808,14 @@ def results_rows(r: dict) -> str:
 def write_results(result: dict, out_dir: str) -> tuple[str, str]:
     """dit_cpu.json (dit_cpu_Ndev.json with N JAX devices), replaced atomically, and one
     appended row per variant in RESULTS_DIT.md."""
-    os.makedirs(out_dir, exist_ok=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_digits as helpers
+
     devices = result["threads"]["jax_cpu_devices"]
     name = "dit_cpu.json" if devices == 1 else f"dit_cpu_{devices}dev.json"
-    json_path = os.path.join(out_dir, name)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, json_path)
-    md_path = os.path.join(out_dir, "RESULTS_DIT.md")
-    new = not os.path.exists(md_path)
-    with open(md_path, "a") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write(results_rows(result))
-    return json_path, md_path
+    return helpers.save_results(
+        result, out_dir, name, "RESULTS_DIT.md", RESULTS_HEADER, results_rows(result)
+    )
 
 
 def print_summary(r: dict) -> None:
