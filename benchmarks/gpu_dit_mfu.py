@@ -121,6 +121,16 @@ def parse_args(argv=None):
         help="XLA attention instead of cuDNN flash attention",
     )
     p.add_argument("--float32", action="store_true", help="float32 compute instead of bf16")
+    p.add_argument(
+        "--no-scan", action="store_true", help="unrolled blocks instead of one lax.scan"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, trace 2 steps with jax.profiler into DIR (Perfetto JSON) and "
+        "print the device time per kernel group",
+    )
     p.add_argument("--steps", type=int, help="train steps per timed repeat (default 10)")
     p.add_argument("--repeats", type=int, help="timed repeats (default 3)")
     p.add_argument("--warmup", type=int, help="untimed steps after compilation (default 3)")
@@ -341,7 +351,7 @@ class Trainer:
                 learn_sigma=True,
                 class_dropout_prob=0.0,  # labels are dropped in the loss, as build_model does
                 fused_attention=fused_attention,
-                scan_blocks=True,
+                scan_blocks=not args.no_scan,
                 remat=args.remat,
                 dtype=dtype,
                 rngs=nnx.Rngs(params=key),
@@ -546,6 +556,93 @@ def jaxlib_version() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the device time goes
+
+# Kernel-name fragments, first match wins: matrix products, attention, the rest.
+KERNEL_GROUPS = (
+    ("attention", ("cudnn", "flash", "fmha", "sdpa", "attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "dot")),
+    ("triton", ("triton",)),
+    ("copy / transpose", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice")),
+)
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in KERNEL_GROUPS:
+        if any(f in lowered for f in fragments):
+            return group
+    return "other fusions"
+
+
+def summarize_trace(events: list[dict], steps: int) -> dict:
+    """Device time per kernel and per group from Chrome/Perfetto trace events.
+
+    Kernel events are the complete ('X') events on the GPU process's stream threads (one per
+    launch); on a backend without them (CPU) every event of a device process counts.
+    """
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = str(e.get("args", {}).get("name", ""))
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+    devices = {pid for pid, name in process.items() if "gpu" in name.lower()}
+    complete = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices]
+    kernels = [e for e in complete if "stream" in thread.get((e["pid"], e.get("tid")), "").lower()]
+    if not devices:  # CPU: XLA's own threads (not Python's)
+        kernels = [
+            e
+            for e in events
+            if e.get("ph") == "X" and "xla" in thread.get((e.get("pid"), e.get("tid")), "").lower()
+        ]
+    kernels = kernels or complete
+    per_name: dict[str, float] = {}
+    for e in kernels:
+        per_name[e["name"]] = per_name.get(e["name"], 0.0) + float(e.get("dur", 0.0)) / 1e3
+    total = sum(per_name.values())
+    groups: dict[str, float] = {}
+    for name, ms in per_name.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:40]
+    return {
+        "steps": steps,
+        "kernel_ms_per_step": total / steps,
+        "groups_ms_per_step": {g: ms / steps for g, ms in sorted(groups.items())},
+        "top_kernels_ms_per_step": [(name[:160], ms / steps) for name, ms in top],
+        "launches_per_step": len(kernels) / steps,
+    }
+
+
+def profile_steps(trainer, log_dir: str, steps: int) -> dict | None:
+    """Trace `steps` train steps into log_dir and summarize the device time (None if no trace)."""
+    import glob
+    import gzip
+
+    t0 = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        trainer.train(steps)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    paths = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not paths:
+        print(f"profile: no trace file under {log_dir}")
+        return None
+    with gzip.open(paths[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    summary = {"trace": paths[-1], "wall_ms_per_step": wall_ms, **summarize_trace(events, steps)}
+    print(
+        f"profile: {summary['kernel_ms_per_step']:.1f} ms of kernels per step "
+        f"({summary['launches_per_step']:.0f} launches), {wall_ms:.1f} ms wall per traced step"
+    )
+    for group, ms in summary["groups_ms_per_step"].items():
+        print(f"  {group:>18}: {ms:8.1f} ms")
+    for name, ms in summary["top_kernels_ms_per_step"][:30]:
+        print(f"  {ms:8.2f} ms  {name[:110]}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -587,6 +684,7 @@ def run(args) -> dict:
         trainer.train(args.steps)
         seconds.append(time.perf_counter() - t0)
     loss = float(trainer.metrics["loss"])
+    profile = profile_steps(trainer, args.profile, steps=2) if args.profile else None
     if not math.isfinite(loss):
         raise RuntimeError(f"training produced a non-finite loss ({loss})")
     step_s = statistics.median(seconds) / args.steps
@@ -628,7 +726,7 @@ def run(args) -> dict:
             "micro_batch_attempts": trainer.attempts,
             "compute_dtype": "float32" if args.float32 else "bfloat16",
             "param_dtype": "float32",
-            "scan_blocks": True,
+            "scan_blocks": not args.no_scan,
             "remat": args.remat,
             "fused_attention": trainer.fused_attention,
             "fused_attention_error": fused_error,
@@ -657,6 +755,7 @@ def run(args) -> dict:
             "xla_forward_flops_per_image": xla_flops,
             "model_tflops_per_s": per_image * images_per_s / 1e12,
         },
+        "profile": profile,
         "mfu_measured_peak": measured_mfu,
         "mfu_spec_peak": spec_mfu,
         "target_mfu": TARGET_MFU,
