@@ -249,63 +249,6 @@ def measure_matmul_peak(sizes, device, seconds_per_size: float = 1.0) -> dict:
 # The train step
 
 
-def make_accumulating_step(loss_fn, optimizer, *, accum: int, micro_sharding, seed: int):
-    """train_step(state, batch) -> (state, metrics) that averages gradients of `accum` passes.
-
-    Each device's rows are split into `accum` micro-batches (row r of the global batch goes to
-    micro-batch r mod accum, so every micro-batch stays spread over all devices without moving
-    data); one `lax.scan` computes and sums their gradients, then AdamW and the EMA update once,
-    as `diffusax.train.step.make_train_step` does for a whole batch (which is used as is when
-    `accum` is 1). The mean of the micro-batch losses equals the batch loss for equal sizes.
-    """
-    import optax
-
-    from diffusax.train.optim import ema_update
-    from diffusax.train.state import TrainState
-    from diffusax.train.step import make_train_step
-
-    if accum == 1:
-        return make_train_step(
-            loss_fn, optimizer, ema_decay=EMA_DECAY, seed=seed, skip_nonfinite=False
-        )
-    base_key = jax.random.key(seed)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def split(x):  # (B, ...) -> (accum, B / accum, ...), micro-batch k = rows k, k + accum, ...
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])  # (B/accum, accum, ...)
-        x = jnp.moveaxis(x, 1, 0)  # (accum, B/accum, ...)
-        return jax.lax.with_sharding_constraint(x, micro_sharding)
-
-    def train_step(state: TrainState, batch):
-        key = jax.random.fold_in(base_key, state.step)
-        micro = jax.tree.map(split, batch)
-
-        def body(carry, xs):
-            grads_sum, loss_sum = carry
-            index, micro_batch = xs
-            (loss, _), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(accum), micro)
-        )
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema=ema_update(state.ema, params, EMA_DECAY),
-            bad_steps=jnp.zeros((), jnp.int32),
-        )
-        grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))  # ‖g‖₂
-        return new, {"loss": loss / accum, "grad_norm": grad_norm}
-
-    return train_step
-
-
 def micro_batch_candidates(per_device: int, requested: int, remat: bool) -> list[int]:
     """Micro-batches to try, largest first: the one asked for, or divisors of the per-device
     batch from the largest under the cap down, halving (compiled until one fits in memory)."""
@@ -393,14 +336,17 @@ class Trainer:
 
     def compile(self, micro_batch: int) -> dict | None:
         """Compile the step for this micro-batch; returns its memory analysis (or None)."""
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from diffusax import parallel
+        from diffusax.train.step import make_train_step
 
         accum = accumulation_steps(self.per_device, micro_batch)
-        micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, parallel.BATCH_AXES))
-        step = make_accumulating_step(
-            self.loss_fn, self.optimizer, accum=accum, micro_sharding=micro_sharding, seed=0
+        step = make_train_step(
+            self.loss_fn,
+            self.optimizer,
+            ema_decay=EMA_DECAY,
+            seed=0,
+            skip_nonfinite=False,
+            accum_steps=accum,
+            mesh=self.mesh,
         )
         jitted = jax.jit(
             step,

@@ -70,6 +70,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global, over all devices and hosts
+    # Gradient accumulation: each device's rows pass in this many micro-batches whose mean
+    # gradient makes one update (same step, a micro-batch's activation memory).
+    c.train.grad_accum_steps = 1
     c.train.num_steps = 800_000
     c.train.log_every = 100
     c.train.checkpoint_every = 5000

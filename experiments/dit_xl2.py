@@ -17,6 +17,7 @@ Data: latent shards (`diffusax.data.latents`) made once from an ImageNet copy an
     tfds build imagenet2012 --manual_dir=DOWNLOADS --file_format=array_record  # or an image folder
     make latents EXP=dit_xl2                      # resumable; ARGS=--config.latents.source=...
     make train EXP=dit_xl2                        # on every GPU of the machine
+    make train EXP=dit_xl2 ARGS=--config.train.grad_accum_steps=2   # batch 256 on one 80 GB GPU
     make sample EXP=dit_xl2 ARGS='--config.sample.guidance_scale=4.0'
 
 For the image-folder copy pass `ARGS='--config.latents.source=folder:/path/to/imagenet/train'`.

@@ -48,6 +48,7 @@ POSITIVE = (
     "diffusion.num_timesteps",
     "optim.learning_rate",
     "train.batch_size",
+    "train.grad_accum_steps",
     "train.num_steps",
     "train.log_every",
     "train.checkpoint_every",
@@ -375,6 +376,13 @@ def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
         raise ConfigError(
             f"config field 'train.batch_size' ({cfg.train.batch_size}) is not divisible by the "
             f"{batch_devices} devices it is split over"
+        )
+    accum = cfg.train.grad_accum_steps
+    if (cfg.train.batch_size // batch_devices) % accum:
+        raise ConfigError(
+            f"config field 'train.grad_accum_steps' ({accum}) does not divide the "
+            f"{cfg.train.batch_size // batch_devices} rows each of the {batch_devices} devices "
+            f"gets from train.batch_size={cfg.train.batch_size}"
         )
     if cfg.model.class_conditional and not num_classes:
         raise ConfigError(

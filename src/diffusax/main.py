@@ -71,7 +71,12 @@ def describe_run(cfg) -> str:
         f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s)",
         f"dataset: {info.name} [{info.split}] {info.num_examples} examples, images "
         f"{tuple(info.image_shape)} {info.dtype}, classes {info.num_classes}",
-        f"batch: {cfg.train.batch_size} global, {cfg.train.num_steps} steps",
+        f"batch: {cfg.train.batch_size} global, {cfg.train.num_steps} steps"
+        + (
+            f", {cfg.train.grad_accum_steps} accumulated micro-batches per step"
+            if cfg.train.grad_accum_steps > 1
+            else ""
+        ),
         f"sampler: {cfg.sample.sampler}, {cfg.sample.num_steps or cfg.diffusion.num_timesteps} "
         f"steps, guidance {cfg.sample.guidance_scale}",
     ]
@@ -125,7 +130,10 @@ def main(argv):
     from diffusax.train.loop import NonFiniteLossError
 
     if not parallel.initialize_distributed() and FLAGS.cpu_devices >= 0:
-        parallel.use_cpu_cores(cfg.train.batch_size, FLAGS.cpu_devices)
+        # Each device's rows must still split into train.grad_accum_steps micro-batches.
+        accum = cfg.train.grad_accum_steps
+        rows = cfg.train.batch_size // accum if cfg.train.batch_size % accum == 0 else 1
+        parallel.use_cpu_cores(rows, FLAGS.cpu_devices)
     try:
         if FLAGS.mode == "info":
             print(describe_run(cfg))

@@ -154,6 +154,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         ema_decay=cfg.optim.ema_decay,
         seed=cfg.seed,
         skip_nonfinite=cfg.train.nonfinite == "skip",
+        accum_steps=cfg.train.grad_accum_steps,
+        mesh=mesh,
     )
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(
