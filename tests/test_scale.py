@@ -78,3 +78,33 @@ def test_info_counts_every_block_of_a_scanned_dit(scan):
     )
     expected = dit_flops(sizes, 8, 1, learn_sigma=False) / 1e9  # matrix multiply-adds only
     assert expected <= gmacs < 1.05 * expected  # plus norms, softmax, activations
+
+
+def test_forward_flops_falls_back_to_the_compiled_cost_analysis(monkeypatch):
+    """Backends whose lowered program has no cost analysis (seen on a GPU machine with jax
+    0.11) get the compiled program's; with neither, `make info` says unknown."""
+    from flax import nnx
+
+    from diffusax.models.dit import DiT
+
+    def build():
+        return DiT(
+            depth=1,
+            hidden=32,
+            heads=2,
+            patch=2,
+            input_size=8,
+            in_channels=1,
+            num_classes=10,
+            rngs=nnx.Rngs(0),
+        )
+
+    abstract = nnx.eval_shape(build)
+    graphdef = nnx.split(abstract)[0]
+    args = (graphdef, abstract, (8, 8, 1), 10)
+    expected = models.forward_flops(*args)
+    assert expected > 0
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+    assert models.forward_flops(*args) == pytest.approx(expected, rel=0.05)
+    monkeypatch.setattr(jax.stages.Compiled, "cost_analysis", lambda self: [{}])
+    assert models.forward_flops(*args) is None

@@ -66,8 +66,10 @@ def describe_run(cfg) -> str:
         f"{cfg.diffusion.var_type}, T={cfg.diffusion.num_timesteps}, {cfg.diffusion.schedule} betas)",
         f"model: {cfg.model.name}",
         f"parameters: {n_params}",
-        f"forward GFLOPs: {flops / 1e9:.4f}  (per example)",
-        f"forward GMACs: {flops / 2e9:.4f}",
+        f"forward GFLOPs: {flops / 1e9:.4f}  (per example)"
+        if flops is not None
+        else "forward GFLOPs: unknown (XLA gave no cost analysis on this backend)",
+        f"forward GMACs: {flops / 2e9:.4f}" if flops is not None else "forward GMACs: unknown",
         f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s)",
         f"dataset: {info.name} [{info.split}] {info.num_examples} examples, images "
         f"{tuple(info.image_shape)} {info.dtype}, classes {info.num_classes}",

@@ -1,9 +1,9 @@
 """Model families, built from a config, and the pure apply function the losses call.
 
-    model = build_model(cfg.model, image_shape=(8, 8, 1), num_classes=10,
-                        learned_variance=False, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    apply_fn = make_apply_fn(graphdef)      # apply_fn(params, x, t, y, dropout_key)
+model = build_model(cfg.model, image_shape=(8, 8, 1), num_classes=10,
+                    learned_variance=False, rngs=nnx.Rngs(0))
+graphdef, params = nnx.split(model, nnx.Param)
+apply_fn = make_apply_fn(graphdef)      # apply_fn(params, x, t, y, dropout_key)
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ def make_apply_fn(graphdef):
     return apply_fn
 
 
-def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float:
-    """FLOPs of one forward pass on one example, from XLA's cost analysis (nothing is run)."""
+def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float | None:
+    """FLOPs of one forward pass on one example, from XLA's cost analysis (nothing is run).
+
+    The lowered program's analysis is used where the backend gives one (CPU does); otherwise
+    the compiled program's. None when neither reports FLOPs.
+    """
     import jax
 
     params = nnx.state(abstract_model)
@@ -111,9 +115,15 @@ def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float:
     y = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes else None
     apply_fn = make_apply_fn(graphdef)
     lowered = jax.jit(lambda p, x, t, y: apply_fn(p, x, t, y)).lower(params, x, t, y)
-    cost = lowered.cost_analysis()
+    flops = _flops_of(lowered.cost_analysis())
+    return flops if flops is not None else _flops_of(lowered.compile().cost_analysis())
+
+
+def _flops_of(cost) -> float | None:
     if isinstance(cost, (list, tuple)):  # older jax returns one dict per computation
-        cost = cost[0]
+        cost = cost[0] if cost else None
+    if not isinstance(cost, dict) or cost.get("flops") is None:
+        return None
     return float(cost["flops"])
 
 
