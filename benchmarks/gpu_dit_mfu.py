@@ -1,7 +1,7 @@
 """DiT-XL/2 training throughput and model FLOPs utilisation (MFU) on the local GPUs.
 
     python benchmarks/gpu_dit_mfu.py                  # DiT-XL/2, global batch 256, all local
-                                                      # GPUs (~2-4 min on one H100), writes
+                                                      # GPUs (~100 s on one H100), writes
                                                       # benchmarks/results/dit_gpu_<chip>.json
     python benchmarks/gpu_dit_mfu.py --remat          # rematerialise the blocks instead of
                                                       # accumulating gradients
