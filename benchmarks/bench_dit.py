@@ -651,6 +651,15 @@ def measure_memory(variant: str, args, framework: str) -> dict:
 # The run
 
 
+def _helpers():
+    """bench_digits: the timing, load, machine and results helpers of the first benchmark
+    (imported late: the memory subprocesses must load only their own framework)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_digits
+
+    return bench_digits
+
+
 def run(args) -> dict:
     import diffusers
     import flax
@@ -658,8 +667,7 @@ def run(args) -> dict:
     import optax
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_digits as helpers  # timing, load and machine helpers of the first benchmark
+    helpers = _helpers()
 
     mode = "quick" if args.quick else "full"
     counts = QUICK if args.quick else FULL
@@ -808,12 +816,9 @@ def results_rows(r: dict) -> str:
 def write_results(result: dict, out_dir: str) -> tuple[str, str]:
     """dit_cpu.json (dit_cpu_Ndev.json with N JAX devices), replaced atomically, and one
     appended row per variant in RESULTS_DIT.md."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_digits as helpers
-
     devices = result["threads"]["jax_cpu_devices"]
     name = "dit_cpu.json" if devices == 1 else f"dit_cpu_{devices}dev.json"
-    return helpers.save_results(
+    return _helpers().save_results(
         result, out_dir, name, "RESULTS_DIT.md", RESULTS_HEADER, results_rows(result)
     )
 

@@ -14,12 +14,13 @@ What it measures (see benchmarks/README.md):
 1. The chip's bf16 matmul peak: square `jnp.dot`s of bf16 matrices with float32 accumulation
    (and, as a second form, bf16 output), several sizes; the best TFLOP/s is the peak.
 2. One train step of our DiT (default XL/2: 32x32x4 latents, 1000 classes, learned sigma) with
-   bf16 compute and float32 parameters, blocks unrolled (`--scan`: one `lax.scan`), cuDNN flash attention: the
-   hybrid loss (MSE on ε + L_vlb in bits/dim, 10% null labels), AdamW (lr 1e-4, no weight decay) and
-   the EMA, as the DiT paper trains, built by `diffusax.train.step.make_train_step` and jitted
-   with donated state on a data-parallel mesh over every local device. When the per-device
-   batch is larger than `--micro-batch`, the step accumulates gradients over micro-batches
-   (one `lax.scan`) before its one AdamW update: the same optimizer step with less memory.
+   bf16 compute and float32 parameters, blocks unrolled (`--scan`: one `lax.scan`), cuDNN flash
+   attention: the hybrid loss (MSE on ε + L_vlb in bits/dim, 10% null labels), AdamW (lr 1e-4,
+   no weight decay) and the EMA, as the DiT paper trains, built by
+   `diffusax.train.step.make_train_step` and jitted with donated state on a data-parallel mesh
+   over every local device. When the per-device batch is larger than `--micro-batch`, the step
+   accumulates gradients over micro-batches (`train.grad_accum_steps`: one `lax.scan`) before
+   its one AdamW update: the same optimizer step with less memory.
 3. images/s (median over timed repeats, compilation and warm-up excluded) and
 
        MFU = training FLOPs per image x images/s / (devices x peak FLOP/s),

@@ -1,6 +1,7 @@
 """The DiT benchmarks run: the GPU MFU script end to end on the CPU (its --dry-run path, with
-gradient accumulation), its FLOP count against the paper, and the CPU benchmark's two trainers on a tiny DiT (weights converted from
-diffusers, outputs equal, a memory subprocess that loads only its own framework).
+gradient accumulation), its FLOP count against the paper, and the CPU benchmark's two trainers
+on a tiny DiT (weights converted from diffusers, outputs equal, a memory subprocess that loads
+only its own framework).
 
 The timings these produce are not measurements; the scripts themselves are run by
 `make bench-dit` and `make bench-dit-gpu` (see benchmarks/README.md).

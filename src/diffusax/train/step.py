@@ -36,6 +36,8 @@ def make_train_step(
     would: the memory of a micro-batch for the update of the batch. Metrics are the mean over
     micro-batches. ``mesh`` keeps every micro-batch spread over the batch axes of the mesh.
     """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     base_key = jax.random.key(seed)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -78,8 +80,6 @@ def make_train_step(
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite, bad_steps=new.bad_steps)
         return new, metrics
 
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     return train_step
 
 
