@@ -203,8 +203,15 @@ def elapsed(fn) -> float:
     return timed(fn)[0]
 
 
-def interleaved(runs: dict, repeats: int) -> dict[str, list[tuple]]:
+def interleaved(runs: dict, repeats: int, lead_in: dict | None = None) -> dict[str, list[tuple]]:
     """Time each of ``runs`` (name -> fn) ``repeats`` times, alternating the order (ABBA...).
+
+    ``lead_in`` (name -> fn) runs untimed right before each timed repeat of that name: a train
+    step, so that every timed step follows a step of its own framework, as in a training run.
+    Without it the first step after the other framework's repeat pays for memory that the host
+    reclaimed meanwhile: on the development VM a DiT-S/2 step after a 7 s pause took 3.9-4.8 s
+    instead of 2.2-2.6 s (freed pages come back through fresh page faults), which made the
+    repeats that follow the other framework ~30% slower than the rest.
 
     Returns name -> [(seconds, others' CPU share), ...] (see ``timed``).
     """
@@ -212,6 +219,8 @@ def interleaved(runs: dict, repeats: int) -> dict[str, list[tuple]]:
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            if lead_in:
+                lead_in[name]()
             times[name].append(timed(runs[name]))
     return times
 
@@ -564,6 +573,7 @@ def run(args) -> dict:
     times = interleaved(
         {"diffusax": lambda: ours.train(n), "diffusers": lambda: theirs.train(n)},
         counts["train_repeats"],
+        lead_in={"diffusax": lambda: ours.train(1), "diffusers": lambda: theirs.train(1)},
     )
     load.mark("train")
     train = {name: rate_summary(s, n) for name, s in times.items()}
@@ -702,7 +712,8 @@ def run(args) -> dict:
             "sample_batch": args.sample_batch,
             "sample_steps": counts["sample_steps"],
             "sample_repeats": counts["sample_repeats"],
-            "statistic": "median over interleaved repeats (order alternates A B, B A, ...)",
+            "statistic": "median over interleaved repeats (order alternates A B, B A, ...; train "
+            "repeats each follow one untimed step of their own framework)",
         },
         "model": {"diffusers_config": theirs.unet_config, "parity": parity},
         "compile_s": compile_s,

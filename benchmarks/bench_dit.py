@@ -517,6 +517,7 @@ def compare_variant(variant: str, args, counts, warmup: int, helpers) -> dict:
     times = helpers.interleaved(
         {"diffusax": lambda: ours.train(steps), "diffusers": lambda: theirs.train(steps)},
         repeats,
+        lead_in={"diffusax": lambda: ours.train(1), "diffusers": lambda: theirs.train(1)},
     )
     train = {name: helpers.rate_summary(s, steps * args.batch) for name, s in times.items()}
     for name, trainer in (("diffusax", ours), ("diffusers", theirs)):
@@ -752,7 +753,8 @@ def run(args) -> dict:
             "diffusers_train_step": "eager PyTorch: DDPMScheduler.add_noise, model.train(), "
             "F.mse_loss, backward, AdamW.step, EMA by torch._foreach_lerp_",
             "warmup_steps": WARMUP_STEPS[mode],
-            "statistic": "median over interleaved repeats (order alternates A B, B A, ...)",
+            "statistic": "median over interleaved repeats (order alternates A B, B A, ...; each "
+            "repeat follows one untimed step of its own framework)",
             "memory": "each framework in its own subprocess: growth of the resident set's "
             "high-water mark (VmHWM, as ru_maxrss) over the RSS before the model was built; "
             f"step peak = over {MEMORY_STEPS} steps after one warm-up step, freed heap "

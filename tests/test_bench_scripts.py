@@ -206,3 +206,16 @@ def test_memory_subprocess_loads_only_its_framework():
     assert r["setup_peak_growth_mb"] > 0 and math.isfinite(r["last_loss"])
     if r["peak_reset_supported"]:
         assert r["step_peak_growth_mb"] >= r["rss_before_steps_growth_mb"] > 0
+
+
+def test_interleaved_timing_alternates_and_leads_each_repeat_with_an_untimed_step():
+    events = []
+    runs = {name: (lambda name=name: events.append(("timed", name))) for name in ("A", "B")}
+    lead_in = {name: (lambda name=name: events.append(("lead", name))) for name in ("A", "B")}
+    times = bench_dit._helpers().interleaved(runs, 3, lead_in=lead_in)
+    order = ["A", "B", "B", "A", "A", "B"]
+    assert events == [e for name in order for e in (("lead", name), ("timed", name))]
+    assert {name: len(t) for name, t in times.items()} == {"A": 3, "B": 3}
+    events.clear()
+    bench_dit._helpers().interleaved(runs, 2)  # without lead-in steps: only the timed runs
+    assert events == [("timed", name) for name in order[:4]]
