@@ -24,6 +24,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"  # "" for an unlabelled dataset
     c.data.random_flip = False
     c.data.num_levels = 256  # quantisation levels of the data, for bits per dimension
+    # What the dataset holds, declared so that `make info` can describe a run before the data
+    # is prepared: (H, W, C) of its images and its number of classes (() / 0 = not declared).
+    # When the data is there, the loader checks these against it.
+    c.data.image_shape = ()
+    c.data.num_classes = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"  # unet | dit

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from diffusax import diffusion, schedules
+from diffusax import diffusion, sampling, schedules
 
 EXPERIMENTS_DIR = "experiments"
 # experiments/ of the source checkout (src/diffusax/config.py -> ../../experiments).
@@ -27,10 +27,9 @@ _CHECKOUT_EXPERIMENTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), EXPERIMENTS_DIR
 )
 
-# Fields whose value must be one of a few names.
+# Fields whose value must be one of a few names. The method, the model family and the sampler
+# are checked against their registries (``_registry_choices``), not listed here.
 CHOICES = {
-    "method": ("ddpm",),
-    "model.name": ("unet", "dit"),
     "model.dtype": ("float32", "bfloat16"),
     "diffusion.schedule": tuple(schedules.BETA_SCHEDULES),
     "diffusion.prediction": diffusion.PREDICTIONS,
@@ -38,9 +37,19 @@ CHOICES = {
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
     "train.nonfinite": ("abort", "skip"),
-    "sample.sampler": ("ddpm", "ddim", "dpm++2m"),
-    "sample.spacing": ("trailing", "uniform", "leading"),
+    "sample.spacing": tuple(sampling.SPACINGS),
 }
+
+
+def _registry_choices() -> dict:
+    """The names the registries hold (imported here, late: they import this module)."""
+    from diffusax import methods, models, sampling
+
+    return {
+        "method": tuple(methods.names()),
+        "model.name": tuple(models.FAMILIES),
+        "sample.sampler": tuple(sampling.SAMPLERS),
+    }
 POSITIVE = (
     "model.ch",
     "model.num_res_blocks",
@@ -236,7 +245,7 @@ def validate(cfg) -> None:
                 f"config field {path!r} must be of type {_type_name(base[path])}, "
                 f"got {value!r} ({type(value).__name__})"
             )
-    for path, names in CHOICES.items():
+    for path, names in {**_registry_choices(), **CHOICES}.items():
         if fields.get(path) not in names:
             raise ConfigError(
                 f"config field {path!r} is {fields.get(path)!r}; choose one of {list(names)}"

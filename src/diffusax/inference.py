@@ -9,11 +9,9 @@ import os
 import jax
 import numpy as np
 
-from diffusax import checkpoint, methods, models
+from diffusax import checkpoint, image_io, methods, parallel
 from diffusax import config as config_lib
-from diffusax.evaluate import images as image_io
-from diffusax.train import loop, optim
-from diffusax.train.state import abstract_train_state, model_graphdef
+from diffusax.train.build import Run, build
 
 
 @dataclasses.dataclass
@@ -21,18 +19,35 @@ class Trained:
     """What sampling and evaluation need from a finished (or running) training run."""
 
     cfg: object
-    mesh: object
-    apply_fn: object
-    params: dict  # the EMA parameters
+    run: Run
+    state: object  # the restored TrainState
+    params: dict  # what the method samples with (the EMA, for DDPM)
     step: int
-    num_classes: int | None
-    image_shape: tuple
-    sched: object
+
+    @property
+    def mesh(self):
+        return self.run.mesh
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.run.data.num_classes
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.run.data.image_shape
+
+    @property
+    def apply_fn(self):
+        return self.run.ctx.apply_fn(self.run.method.sample_network(self.cfg))
+
+    @property
+    def sched(self):
+        return methods.make_schedule(self.cfg)
 
 
 def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
     """Restore the latest checkpoint of ``workdir``; a clear error when there is none."""
-    mesh, source, build, num_classes = loop.setup(cfg, devices=devices)
+    run = build(cfg, devices=devices)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     missing = FileNotFoundError(
         f"no checkpoint in {ckpt_dir}; train first: make train EXP={cfg.name} "
@@ -40,24 +55,16 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
     )
     if not os.path.isdir(ckpt_dir):
         raise missing  # before Orbax, which would create the directory
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    key = jax.random.key(cfg.seed)
-    abstract = abstract_train_state(build, optimizer, key)
-    shardings = loop._shardings(abstract, mesh)
     with checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=10**9, async_save=False) as ckpt:
-        restored = ckpt.restore(loop._with_shardings(abstract, shardings))
+        restored = ckpt.restore(run.abstract_with_shardings())
     if restored is None:
         raise missing
-    graphdef = model_graphdef(build, key)
     return Trained(
         cfg=cfg,
-        mesh=mesh,
-        apply_fn=models.make_apply_fn(graphdef),
-        params=restored.state.ema.params,
+        run=run,
+        state=restored.state,
+        params=run.sample_params(restored.state),
         step=restored.step,
-        num_classes=num_classes,
-        image_shape=tuple(source.info.image_shape),
-        sched=methods.make_schedule(cfg),
     )
 
 
@@ -66,15 +73,11 @@ def draw_samples(trained: Trained, num: int, key, *, sample_cfg=None, label: int
     s = (sample_cfg or trained.cfg.sample).copy_and_resolve_references()
     with s.unlocked():
         s.batch_size = methods.padded_batch_size(min(s.batch_size, num), trained.mesh.size)
-    generate = methods.make_generate(
-        trained.cfg,
-        trained.apply_fn,
-        trained.sched,
-        trained.num_classes,
-        trained.image_shape,
-        sample_cfg=s,
-        mesh=trained.mesh,
-    )
+    generate = trained.run.method.make_sampler(trained.run, s)
+    if generate is None:
+        raise config_lib.ConfigError(
+            f"method {trained.cfg.method!r} draws no samples; see `make eval EXP={trained.cfg.name}`"
+        )
     return methods.generate_many(
         generate,
         trained.params,
@@ -149,7 +152,7 @@ def interpolate(
     one = lambda params, w, key: generate(params, w[None], key)[0]  # (H, W, C)
     run = jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
     weights = interpolation_weights(num_classes, class_a, class_b, steps)
-    return methods._to_host(run(trained.params, weights, key))  # (steps, H, W, C)
+    return parallel.to_host(run(trained.params, weights, key))  # (steps, H, W, C)
 
 
 def interpolate_to_disk(cfg, workdir: str) -> str:

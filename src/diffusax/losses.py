@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusax import diffusion
+from diffusax.models.layers import drop_labels  # noqa: F401 (the losses' label dropout)
 from diffusax.schedules import Schedule, snr
 
 PREDICTIONS = diffusion.PREDICTIONS
@@ -31,12 +32,6 @@ def min_snr_weight(snr_t, prediction: str, gamma: float):
     if prediction == "v":
         return clipped / (snr_t + 1.0)
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
-
-
-def drop_labels(labels, key, drop_prob: float, null_label: int):
-    """Replace each label by ``null_label`` with probability ``drop_prob`` (training for CFG)."""
-    drop = jax.random.bernoulli(key, drop_prob, labels.shape)
-    return jnp.where(drop, null_label, labels)
 
 
 def make_diffusion_loss(

@@ -38,50 +38,53 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def describe_run(cfg) -> str:
-    """`make info`: what a run would use, without training."""
+    """`make info`: what a run would use, from the shapes the config declares; trains nothing
+    and needs no data (a dataset line says what is missing and how to prepare it)."""
     import jax
     from flax import nnx
 
     from diffusax import models
-    from diffusax.train import loop
-    from diffusax.train.state import model_builder, model_graphdef
+    from diffusax.train.build import build
 
-    mesh, source, build, num_classes = loop.setup(cfg)
-    info = source.info
-    key = jax.random.key(cfg.seed)
-    abstract_model = nnx.eval_shape(lambda: build(key))
-    n_params = models.count_params(abstract_model)
-    if cfg.model.name == "dit" and cfg.model.scan_blocks:
-        # XLA's cost analysis counts a loop's body once: count a scanned DiT's blocks unrolled.
-        unrolled = cfg.copy_and_resolve_references()
-        unrolled.model.scan_blocks = False
-        build = model_builder(unrolled, tuple(info.image_shape), num_classes)
-        abstract_model = nnx.eval_shape(lambda: build(key))
-    flops = models.forward_flops(
-        model_graphdef(build, key), abstract_model, info.image_shape, num_classes
-    )
-    lines = [
-        f"experiment: {cfg.name}",
-        f"method: {cfg.method}  (prediction={cfg.diffusion.prediction}, var_type="
-        f"{cfg.diffusion.var_type}, T={cfg.diffusion.num_timesteps}, {cfg.diffusion.schedule} betas)",
-        f"model: {cfg.model.name}",
-        f"parameters: {n_params}",
-        f"forward GFLOPs: {flops / 1e9:.4f}  (per example)"
-        if flops is not None
-        else "forward GFLOPs: unknown (XLA gave no cost analysis on this backend)",
-        f"forward GMACs: {flops / 2e9:.4f}" if flops is not None else "forward GMACs: unknown",
-        f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s)",
-        f"dataset: {info.name} [{info.split}] {info.num_examples} examples, images "
-        f"{tuple(info.image_shape)} {info.dtype}, classes {info.num_classes}",
+    run = build(cfg, require_data=False)
+    spec, method = run.data, run.method
+    lines = [f"experiment: {cfg.name}", f"method: {method.describe(cfg)}"]
+    flops_of = method.forward_flops(run)
+    for name, net in run.networks.items():
+        abstract = nnx.eval_shape(lambda net=net: net.build(run.init_key))
+        group = run.ctx.group_of.get(name)
+        role = "frozen" if group is None else f"trainable ({group})"
+        if name in run.ctx.subsets:
+            role = f"trainable subset ({group}, {len(run.ctx.subsets[name])} arrays), rest frozen"
+        lines.append(f"network {name}: {type(abstract).__name__}, {role}")
+        lines.append(f"  parameters: {models.count_params(abstract)}")
+        flops = flops_of.get(name)
+        if flops is not None:
+            lines.append(f"  forward GFLOPs: {flops / 1e9:.4f}  (per example)")
+            lines.append(f"  forward GMACs: {flops / 2e9:.4f}")
+        elif name in flops_of:
+            lines.append("  forward GFLOPs: unknown (XLA gave no cost analysis on this backend)")
+    platform = jax.devices()[0].platform
+    lines.append(f"mesh: {dict(run.mesh.shape)} over {run.mesh.size} {platform} device(s)")
+    if spec.info is not None:
+        info = spec.info
+        lines.append(
+            f"dataset: {info.name} [{info.split}] {info.num_examples} examples, images "
+            f"{tuple(info.image_shape)} {info.dtype}, classes {info.num_classes}"
+        )
+    else:
+        lines.append(
+            f"dataset: {spec.name}: not prepared; the config declares examples "
+            f"{tuple(spec.image_shape)}, classes {spec.dataset_classes}. {spec.missing}"
+        )
+    accum = cfg.train.grad_accum_steps
+    lines.append(
         f"batch: {cfg.train.batch_size} global, {cfg.train.num_steps} steps"
-        + (
-            f", {cfg.train.grad_accum_steps} accumulated micro-batches per step"
-            if cfg.train.grad_accum_steps > 1
-            else ""
-        ),
-        f"sampler: {cfg.sample.sampler}, {cfg.sample.num_steps or cfg.diffusion.num_timesteps} "
-        f"steps, guidance {cfg.sample.guidance_scale}",
-    ]
+        + (f", {accum} accumulated micro-batches per step" if accum > 1 else "")
+    )
+    sampler = method.describe_sampler(cfg)
+    if sampler:
+        lines.append(f"sampler: {sampler}")
     return "\n".join(lines)
 
 
@@ -158,9 +161,10 @@ def main(argv):
 
             print(f"wrote {inference.interpolate_to_disk(cfg, FLAGS.workdir)}")
         elif FLAGS.mode == "eval":
-            from diffusax.evaluate import run as eval_run
+            from diffusax import methods
 
-            print(eval_run.format_report(eval_run.evaluate(cfg, FLAGS.workdir)))
+            method = methods.get(cfg.method)
+            print(method.format_report(method.evaluate(cfg, FLAGS.workdir)))
     except (NonFiniteLossError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -164,6 +164,15 @@ def host_to_global(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, j
     return out
 
 
+def to_host(x) -> np.ndarray:
+    """The whole array as numpy on every process (multi-host: gathered from all of them)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -25,7 +25,6 @@ import numpy as np
 from diffusax import diffusion
 from diffusax.schedules import Schedule, log_snr, make_schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SPACINGS = ("uniform", "leading", "trailing")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -259,9 +258,24 @@ def _check_output(out, x, var_type):
         )
 
 
+# The registry of samplers: name -> step(sched, out, x, i, noise(), x0_prev, eta, **kwargs).
+# ``noise`` is a thunk, so that the deterministic solvers draw nothing.
+SAMPLERS = {
+    "ddpm": lambda sub, out, x, i, noise, x0_prev, eta, **kw: ddpm_step(
+        sub, out, x, i, noise(), **kw
+    ),
+    "ddim": lambda sub, out, x, i, noise, x0_prev, eta, **kw: ddim_step(
+        sub, out, x, i, noise(), eta=eta, **kw
+    ),
+    "dpm++2m": lambda sub, out, x, i, noise, x0_prev, eta, **kw: dpmpp_2m_step(
+        sub, out, x, i, x0_prev, **kw
+    ),
+}
+
+
 def _validate(sampler, prediction, var_type, eta, spacing):
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
     if prediction not in diffusion.PREDICTIONS:
@@ -321,12 +335,7 @@ def sample(
         out = model_fn(x, _batch_index(t, x))
         _check_output(out, x, var_type)
         noise = lambda: jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, x.dtype)
-        if sampler == "ddpm":
-            x, x0 = ddpm_step(sub, out, x, i, noise(), **kwargs)
-        elif sampler == "ddim":
-            x, x0 = ddim_step(sub, out, x, i, noise(), eta=eta, **kwargs)
-        else:
-            x, x0 = dpmpp_2m_step(sub, out, x, i, x0_prev, **kwargs)
+        x, x0 = SAMPLERS[sampler](sub, out, x, i, noise, x0_prev, eta, **kwargs)
         return (x, x0), (x if return_trajectory else None)
 
     order = np.arange(len(steps))[::-1]  # i = K-1, ..., 0

@@ -19,7 +19,13 @@ from diffusax.data.pipeline import (
     noise_rows,
     read_rows,
 )
-from diffusax.data.sources import ArraySource, DatasetInfo, digits, validate_info
+from diffusax.data.sources import (
+    ArraySource,
+    DataConfigError,
+    DatasetInfo,
+    digits,
+    validate_info,
+)
 
 BUNDLED = ("digits",)
 
@@ -50,6 +56,7 @@ def load_source(
 __all__ = [
     "BUNDLED",
     "ArraySource",
+    "DataConfigError",
     "DatasetInfo",
     "Loader",
     "batch_indices",

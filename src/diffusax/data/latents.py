@@ -53,7 +53,7 @@ from collections.abc import Callable
 import numpy as np
 
 from diffusax.data.raw_images import Images, center_crop, open_images
-from diffusax.data.sources import DatasetInfo, validate_info
+from diffusax.data.sources import DataConfigError, DatasetInfo, validate_info
 
 log = logging.getLogger("diffusax")
 
@@ -353,11 +353,9 @@ def views_for(cfg) -> int:
 
 def encode_from_config(cfg) -> str:
     """`--mode=latents`: encode ``latents.source`` into ``latents.dir``; the manifest's path."""
-    from diffusax.config import ConfigError
-
     for field in ("dir", "source", "vae"):
         if not cfg.latents[field]:
-            raise ConfigError(f"config field 'latents.{field}' is empty; " + how_to_make(cfg))
+            raise DataConfigError(f"config field 'latents.{field}' is empty; " + how_to_make(cfg))
     lat = cfg.latents
     vae = load_vae(lat.vae)
     images = open_images(
@@ -398,8 +396,6 @@ def how_to_make(cfg) -> str:
 
 def open_source(cfg) -> LatentSource:
     """The training data of a latent experiment; encodes first if ``latents.auto_encode``."""
-    from diffusax.config import ConfigError
-
     directory = cfg.latents.dir
     manifest = read_manifest(directory)
     if not (manifest and manifest.get("complete")) and cfg.latents.auto_encode:
@@ -416,7 +412,7 @@ def open_source(cfg) -> LatentSource:
             f"run `make latents EXP={cfg.name}` again with the same settings to finish them"
         )
     if cfg.data.random_flip and manifest["views"] < 2:
-        raise ConfigError(
+        raise DataConfigError(
             f"config field 'data.random_flip' is True but the shards in {directory!r} hold no "
             f"mirrored views; encode them again with data.random_flip=True into another "
             f"latents.dir, or train without flips"

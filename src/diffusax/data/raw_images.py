@@ -81,10 +81,10 @@ def _tfds_images(name, split, data_dir, image_key, label_key) -> Images:
     """A TFDS split read by index; unlike ``TfdsSource``, images may differ in size (ImageNet)."""
     import tensorflow_datasets as tfds
 
-    from diffusax.data.tfds_source import RANDOM_ACCESS_FORMATS, _not_prepared
+    from diffusax.data.tfds_source import RANDOM_ACCESS_FORMATS, not_prepared
 
-    def not_prepared(problem):
-        error = _not_prepared(name, data_dir, problem)
+    def missing(problem):
+        error = not_prepared(name, data_dir, problem)
         return type(error)(
             f"{error}\nImageNet (imagenet2012) cannot be downloaded by TFDS: get ILSVRC2012 by "
             f"hand and run tfds build imagenet2012 --manual_dir=DOWNLOADS "
@@ -95,10 +95,10 @@ def _tfds_images(name, split, data_dir, image_key, label_key) -> Images:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise not_prepared("is neither a known TFDS dataset nor found") from None
+        raise missing("is neither a known TFDS dataset nor found") from None
     file_format = getattr(builder.info.file_format, "value", None)
     if not builder.is_prepared() or file_format not in RANDOM_ACCESS_FORMATS:
-        raise not_prepared("is not prepared in array_record format")
+        raise missing("is not prepared in array_record format")
     if split not in builder.info.splits:
         raise ValueError(f"dataset '{name}' has no split {split!r}: {sorted(builder.info.splits)}")
     records = builder.as_data_source(split)

@@ -16,6 +16,15 @@ import numpy as np
 DIGITS_TEST_PER_CLASS = 30  # held out: the last 30 examples of each class
 
 
+class DataConfigError(ValueError):
+    """A config field that cannot work with the data found; the message names the field.
+
+    The data layer does not import ``diffusax.config``, so it raises this instead of
+    ``config.ConfigError``; both are ``ValueError``, which ``diffusax.main`` reports with exit
+    status 2.
+    """
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset split.

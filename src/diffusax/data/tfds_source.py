@@ -33,7 +33,8 @@ class DatasetNotPreparedError(FileNotFoundError):
     """The TFDS dataset is not in the data directory in a random-access format."""
 
 
-def _not_prepared(name, data_dir, problem):
+def not_prepared(name, data_dir, problem) -> DatasetNotPreparedError:
+    """The error for TFDS dataset ``name`` not usable in ``data_dir``, with how to prepare it."""
     shown_dir = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     return DatasetNotPreparedError(
         f"TFDS dataset '{name}' {problem} in data_dir={shown_dir}. Nothing is downloaded at run "
@@ -66,14 +67,14 @@ class TfdsSource:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
-            raise _not_prepared(
+            raise not_prepared(
                 name, data_dir, "is neither a known TFDS dataset nor found"
             ) from None
         if not builder.is_prepared():
-            raise _not_prepared(name, data_dir, f"is not prepared (looked in {builder.data_dir})")
+            raise not_prepared(name, data_dir, f"is not prepared (looked in {builder.data_dir})")
         file_format = builder.info.file_format
         if file_format is None or file_format.value not in RANDOM_ACCESS_FORMATS:
-            raise _not_prepared(
+            raise not_prepared(
                 name,
                 data_dir,
                 f"is prepared as {getattr(file_format, 'value', file_format)}, which cannot be "

@@ -19,28 +19,84 @@ from diffusax.models.unet import UNet
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+def _unet_side_factor(model_cfg) -> tuple[int, str]:
+    return 2 ** (len(model_cfg.ch_mult) - 1), (
+        f"config field 'model.ch_mult' has {len(model_cfg.ch_mult)} levels, so the U-Net needs "
+        f"square images whose side is divisible by {2 ** (len(model_cfg.ch_mult) - 1)}"
+    )
+
+
+def _dit_side_factor(model_cfg) -> tuple[int, str]:
+    patch = resolve_variant(model_cfg.variant)["patch"]
+    return patch, (
+        f"config field 'model.variant' ({model_cfg.variant}) has patch size {patch}: it needs "
+        f"square images whose side is divisible by {patch}"
+    )
+
+
+def _build_unet(model_cfg, *, height, channels, out_channels, num_classes, learned, rngs):
+    return UNet(
+        in_channels=channels,
+        out_channels=out_channels,
+        ch=model_cfg.ch,
+        ch_mult=tuple(model_cfg.ch_mult),
+        num_res_blocks=model_cfg.num_res_blocks,
+        attn_resolutions=tuple(model_cfg.attn_resolutions),
+        resolution=height,
+        dropout=model_cfg.dropout,
+        num_classes=num_classes if model_cfg.class_conditional else None,
+        num_heads=model_cfg.num_heads,
+        norm_groups=min(32, model_cfg.ch),
+        remat=model_cfg.remat,
+        dtype=DTYPES[model_cfg.dtype],
+        rngs=rngs,
+    )
+
+
+def _build_dit(model_cfg, *, height, channels, out_channels, num_classes, learned, rngs):
+    return DiT(
+        variant=model_cfg.variant,
+        # explicit sizes replace the variant's (0 or absent = the variant's value)
+        depth=model_cfg.get("depth", 0) or None,
+        hidden=model_cfg.get("hidden_size", 0) or None,
+        heads=model_cfg.get("heads", 0) or None,
+        input_size=height,
+        in_channels=channels,
+        num_classes=num_classes if model_cfg.class_conditional else None,
+        learn_sigma=learned,
+        # Labels are dropped for guidance in one place: the loss (diffusion.label_drop_prob).
+        class_dropout_prob=0.0,
+        fused_attention=model_cfg.fused_attention,
+        scan_blocks=model_cfg.scan_blocks,
+        remat=model_cfg.remat,
+        dtype=DTYPES[model_cfg.dtype],
+        rngs=rngs,
+    )
+
+
+# The denoising network families `config.model.name` chooses from:
+# name -> (builder, (model_cfg -> (the factor the image side must divide by, why))).
+FAMILIES = {
+    "unet": (_build_unet, _unet_side_factor),
+    "dit": (_build_dit, _dit_side_factor),
+}
+
+
+def _family(model_cfg):
+    if model_cfg.name not in FAMILIES:
+        raise ValueError(
+            f"config field 'model.name': unknown model {model_cfg.name!r}; choose one of "
+            f"{list(FAMILIES)}"
+        )
+    return FAMILIES[model_cfg.name]
+
+
 def check_image_shape(model_cfg, image_shape: tuple) -> None:
     """Raise ValueError naming the field when the model cannot take images of this shape."""
     height, width, _ = image_shape
-    if model_cfg.name == "unet":
-        factor = 2 ** (len(model_cfg.ch_mult) - 1)
-        if height != width or height % factor:
-            raise ValueError(
-                f"config field 'model.ch_mult' has {len(model_cfg.ch_mult)} levels, so the U-Net "
-                f"needs square images whose side is divisible by {factor}; the data has "
-                f"{height}x{width}"
-            )
-        return
-    if model_cfg.name == "dit":
-        patch = resolve_variant(model_cfg.variant)["patch"]
-        if height != width or height % patch:
-            raise ValueError(
-                f"config field 'model.variant' ({model_cfg.variant}) has patch size {patch}: it "
-                f"needs square images whose side is divisible by {patch}; the data has "
-                f"{height}x{width}"
-            )
-        return
-    raise ValueError(f"config field 'model.name': unknown model {model_cfg.name!r}")
+    factor, why = _family(model_cfg)[1](model_cfg)
+    if height != width or height % factor:
+        raise ValueError(f"{why}; the data has {height}x{width}")
 
 
 def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, rngs: nnx.Rngs):
@@ -48,43 +104,15 @@ def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, 
     check_image_shape(model_cfg, tuple(image_shape))
     height, _, channels = image_shape
     out_channels = 2 * channels if learned_variance else channels
-    if model_cfg.name == "unet":
-        return UNet(
-            in_channels=channels,
-            out_channels=out_channels,
-            ch=model_cfg.ch,
-            ch_mult=tuple(model_cfg.ch_mult),
-            num_res_blocks=model_cfg.num_res_blocks,
-            attn_resolutions=tuple(model_cfg.attn_resolutions),
-            resolution=height,
-            dropout=model_cfg.dropout,
-            num_classes=num_classes if model_cfg.class_conditional else None,
-            num_heads=model_cfg.num_heads,
-            norm_groups=min(32, model_cfg.ch),
-            remat=model_cfg.remat,
-            dtype=DTYPES[model_cfg.dtype],
-            rngs=rngs,
-        )
-    if model_cfg.name == "dit":
-        return DiT(
-            variant=model_cfg.variant,
-            # explicit sizes replace the variant's (0 or absent = the variant's value)
-            depth=model_cfg.get("depth", 0) or None,
-            hidden=model_cfg.get("hidden_size", 0) or None,
-            heads=model_cfg.get("heads", 0) or None,
-            input_size=height,
-            in_channels=channels,
-            num_classes=num_classes if model_cfg.class_conditional else None,
-            learn_sigma=learned_variance,
-            # Labels are dropped for guidance in one place: the loss (diffusion.label_drop_prob).
-            class_dropout_prob=0.0,
-            fused_attention=model_cfg.fused_attention,
-            scan_blocks=model_cfg.scan_blocks,
-            remat=model_cfg.remat,
-            dtype=DTYPES[model_cfg.dtype],
-            rngs=rngs,
-        )
-    raise ValueError(f"config field 'model.name': unknown model {model_cfg.name!r}")
+    return _family(model_cfg)[0](
+        model_cfg,
+        height=height,
+        channels=channels,
+        out_channels=out_channels,
+        num_classes=num_classes,
+        learned=learned_variance,
+        rngs=rngs,
+    )
 
 
 def make_apply_fn(graphdef):
@@ -129,6 +157,7 @@ def _flops_of(cost) -> float | None:
 
 __all__ = [
     "DIT_VARIANTS",
+    "FAMILIES",
     "DiT",
     "UNet",
     "build_model",

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusax.losses import drop_labels
 from diffusax.models.layers import (
+    drop_labels,
     Dtype,
     check_labels,
     count_params,

@@ -296,3 +296,9 @@ def count_params(model: nnx.Module) -> int:
     """Number of scalar parameters (nnx.Param leaves) in a model, abstract (eval_shape) or not."""
     params = nnx.state(model, nnx.Param)
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def drop_labels(labels, key, drop_prob: float, null_label: int):
+    """Replace each label by ``null_label`` with probability ``drop_prob`` (training for CFG)."""
+    drop = jax.random.bernoulli(key, drop_prob, labels.shape)
+    return jnp.where(drop, null_label, labels)

@@ -1,7 +1,7 @@
 """The one training loop: every method and model runs through ``train``.
 
-config -> mesh -> data -> model (eval_shape, then jit with out_shardings) -> loss -> jitted,
-donated step -> Orbax checkpoints -> EMA sample grids, TensorBoard scalars, a loss curve.
+config -> ``build`` (mesh, data, the method's networks, state born sharded, jitted donated
+step) -> batches -> Orbax checkpoints -> sample grids, TensorBoard scalars, a loss curve.
 """
 
 from __future__ import annotations
@@ -18,17 +18,10 @@ import time
 import jax
 import numpy as np
 
-from diffusax import checkpoint, data, methods, models, parallel
+from diffusax import checkpoint, image_io, methods
 from diffusax import config as config_lib
-from diffusax.evaluate import images as image_io
-from diffusax.train import optim
-from diffusax.train.state import (
-    abstract_train_state,
-    create_train_state,
-    model_builder,
-    model_graphdef,
-)
-from diffusax.train.step import make_train_step
+from diffusax.train.build import Run, build
+from diffusax.train.state import STATE_LAYOUT
 
 log = logging.getLogger("diffusax")
 
@@ -44,7 +37,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class TrainResult:
     state: object  # the final TrainState
-    graphdef: object
+    run: Run
     losses: dict  # step -> loss, for the steps this process ran
     stopped_by: int | None  # the signal number that ended the run early, or None
     start_step: int
@@ -75,63 +68,11 @@ def _signal_handlers(flag):
             signal.signal(s, handler)
 
 
-def setup(cfg, *, devices=None):
-    """Everything a run needs, checked before compiling: mesh, data source, schedule, model."""
-    devices = list(jax.devices() if devices is None else devices)
-    if cfg.latents.dir:  # latent diffusion: the model's "images" are the VAE's latents
-        from diffusax.data import latents
-
-        source = latents.open_source(cfg)
-    else:
-        source = data.load_source(
-            cfg.data.name,
-            cfg.data.train_split,
-            cfg.data.data_dir or None,
-            image_key=cfg.data.image_key,
-            label_key=cfg.data.label_key or None,
-        )
-    info = source.info
-    config_lib.check_runtime(cfg, info.image_shape, info.num_classes, len(devices))
-    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=devices)
-    num_classes = info.num_classes if cfg.model.class_conditional else None
-    build = model_builder(cfg, tuple(info.image_shape), num_classes)
-    try:  # the model's own argument checks, still without compiling anything
-        model_graphdef(build, jax.random.key(0))
-    except ValueError as e:
-        # The model names its argument; most are fields of `config.model` of the same name.
-        argument = str(e).split(" ")[0].split("=")[0]
-        prefix = "model." if argument in cfg.model else ""
-        raise config_lib.ConfigError(
-            f"config 'model' ({cfg.model.name}) cannot be built for {cfg.data.name!r} images of "
-            f"shape {tuple(info.image_shape)}: {prefix}{e}"
-        ) from e
-    return mesh, source, build, num_classes
-
-
-def _shardings(abstract, mesh):
-    # Parameters, optimizer moments and EMA split over the mesh's fsdp axis (replicated when
-    # train.mesh_fsdp = 1, plain data parallelism); scalars such as the step replicated.
-    return parallel.fsdp_shardings(abstract, mesh)
-
-
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-
-
 def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     """Train (or resume) the experiment ``cfg`` in ``workdir`` until ``cfg.train.num_steps``."""
     config_lib.validate(cfg)
-    mesh, source, build, num_classes = setup(cfg, devices=devices)
-    image_shape = tuple(source.info.image_shape)
+    run = build(cfg, devices=devices)
     _check_workdir(workdir)
-
-    sched = methods.make_schedule(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    init_key = jax.random.key(cfg.seed)
-    abstract = abstract_train_state(build, optimizer, init_key)
-    shardings = _shardings(abstract, mesh)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=cfg.train.checkpoint_every,
@@ -140,38 +81,16 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     )
     digest = config_lib.digest_fields(cfg)
     try:
-        state = _restore_or_init(ckpt, abstract, shardings, digest, build, optimizer, init_key)
+        frozen = run.frozen()
+        frozen_record = run.frozen_record()
+        state = _restore_or_init(ckpt, run, digest, frozen_record)
     except BaseException:
         ckpt.close()  # no Orbax threads left behind by a refused resume
         raise
-    graphdef = model_graphdef(build, init_key)
-    apply_fn = models.make_apply_fn(graphdef)
-
-    loss_fn = methods.make_loss(cfg, apply_fn, sched, num_classes)
-    step_fn = make_train_step(
-        loss_fn,
-        optimizer,
-        ema_decay=cfg.optim.ema_decay,
-        seed=cfg.seed,
-        skip_nonfinite=cfg.train.nonfinite == "skip",
-        accum_steps=cfg.train.grad_accum_steps,
-        mesh=mesh,
-    )
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, parallel.replicated(mesh)),  # metrics readable on every host
-        donate_argnums=0,
-    )
     start = int(jax.device_get(state.step))
-    loader = data.Loader(
-        source, mesh, cfg.train.batch_size, cfg.seed, random_flip=cfg.data.random_flip, step=start
-    )
-    grid_cfg = _grid_sample_cfg(cfg, mesh.size)
-    generate = methods.make_generate(
-        cfg, apply_fn, sched, num_classes, image_shape, sample_cfg=grid_cfg, mesh=mesh
-    )
+    loader = run.loader(start)
+    grid_cfg = _grid_sample_cfg(cfg, run.mesh.size)
+    generate = run.method.make_sampler(run, grid_cfg)
     writer = _Writer(workdir) if jax.process_index() == 0 else None
     flag = _StopFlag()
     stopped_by = None
@@ -181,7 +100,12 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     progress = _progress(cfg, start)
 
     def save(state, force):
-        extra = {"data": loader.state(), "model_config": digest}
+        extra = {
+            "data": loader.state(),
+            "model_config": digest,
+            "state_layout": STATE_LAYOUT,
+            "frozen": frozen_record,
+        }
         return ckpt.save(int(jax.device_get(state.step)), state, extra, force=force)
 
     def check(step, metrics):
@@ -206,7 +130,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         with _signal_handlers(flag):
             for step in range(start, cfg.train.num_steps):
                 batch = next(loader)
-                state, metrics = train_step(state, batch)
+                state, metrics = run.train_step(state, frozen, batch)
                 if pending is not None:
                     _log(cfg, writer, progress, pending[0], check(*pending), t_start, steps_done)
                 pending = (step, metrics)
@@ -217,7 +141,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
                     check(*pending)
                     save(state, force=last or bool(stop))
                 if cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
-                    _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step + 1)
+                    _write_grid(run, grid_cfg, generate, state, workdir, step + 1)
                 if stop:
                     log.warning("signal %d: saved step %d, exiting", stop, step + 1)
                     stopped_by = stop
@@ -237,12 +161,12 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             if progress is not None:
                 progress.close()
     if not stopped_by and steps_done:
-        _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, None)
+        _write_grid(run, grid_cfg, generate, state, workdir, None)
         if writer:
             writer.finish(workdir)
     elif writer:
         writer.close()
-    return TrainResult(state, graphdef, losses, stopped_by, start)
+    return TrainResult(state, run, losses, stopped_by, start)
 
 
 def _check_workdir(workdir) -> None:
@@ -255,19 +179,47 @@ def _check_workdir(workdir) -> None:
         raise PermissionError(f"workdir {workdir!r} is not readable and writable")
 
 
-def _restore_or_init(ckpt, abstract, shardings, digest, build, optimizer, key):
+def _restore_or_init(ckpt, run, digest, frozen_record):
     """The latest checkpoint's state, or a new state born sharded when there is none."""
+    step = ckpt.latest_step()
+    saved_extra = _saved_extra(ckpt, step)
+    if saved_extra is not None and "state_layout" not in saved_extra:
+        raise checkpoint.CheckpointMismatchError(
+            f"checkpoint {ckpt.step_path(step)} predates the new state layout (one parameter "
+            f"tree and one EMA; now groups, optimizer states and EMAs by name): it cannot be "
+            f"resumed by this version. Use another workdir (nothing was changed in this one), "
+            f"or restore it with the diffusax version that wrote it"
+        )
     try:
-        restored = ckpt.restore(_with_shardings(abstract, shardings))
+        restored = ckpt.restore(run.abstract_with_shardings())
     except checkpoint.CheckpointMismatchError as e:
-        step = ckpt.latest_step()
-        _check_same_model(_saved_model_config(ckpt, step), digest, step, ckpt, cause=e)
+        _check_same_model((saved_extra or {}).get("model_config"), digest, step, ckpt, cause=e)
         raise  # the parameters differ although the recorded fields do not
     if restored is None:
-        return create_train_state(build, optimizer, key, shardings)
+        return run.init_state()
     _check_same_model(restored.extra.get("model_config", {}), digest, restored.step, ckpt)
+    _check_same_frozen(restored.extra.get("frozen", {}), frozen_record, restored.step, ckpt)
     log.info("resumed from step %d", restored.step)
     return restored.state
+
+
+def _check_same_frozen(saved: dict, current: dict, step: int, ckpt) -> None:
+    """CheckpointMismatchError naming the frozen networks whose weights changed since ``step``."""
+    changed = sorted(
+        name
+        for name in set(saved) | set(current)
+        if (saved.get(name) or {}).get("digest") != (current.get(name) or {}).get("digest")
+    )
+    if changed:
+        details = ", ".join(
+            f"{n}: {(saved.get(n) or {}).get('source')!r} -> {(current.get(n) or {}).get('source')!r}"
+            for n in changed
+        )
+        raise checkpoint.CheckpointMismatchError(
+            f"checkpoint {ckpt.step_path(step)} was trained against other frozen weights "
+            f"({details}; their digests differ); resume with the frozen networks it was "
+            f"trained with, or use another workdir"
+        )
 
 
 def _agreed_signal(flag) -> int | None:
@@ -296,15 +248,16 @@ def _check_same_model(saved, current: dict, step: int, ckpt, cause=None) -> None
         ) from cause
 
 
-def _saved_model_config(ckpt, step) -> dict | None:
-    """The config fields recorded with ``step`` (its JSON `extra` item), or None if unreadable."""
+def _saved_extra(ckpt, step) -> dict | None:
+    """The JSON `extra` item of ``step`` read straight from disk, or None if unreadable."""
     if step is None:
         return None
     try:
         path = ckpt.step_path(step) / checkpoint.EXTRA_ITEM / "metadata"  # Orbax's JSON file
-        return json.loads(path.read_text()).get("model_config")
+        extra = json.loads(path.read_text())
     except (OSError, ValueError, AttributeError):
         return None
+    return extra if isinstance(extra, dict) else None
 
 
 def _jsonable(value):
@@ -318,13 +271,17 @@ def _grid_sample_cfg(cfg, num_devices):
     return s
 
 
-def _write_grid(cfg, grid_cfg, generate, state, num_classes, workdir, step):
-    """Sample an EMA grid (every process takes part in the sampling; process 0 writes it)."""
-    if not cfg.train.grid_samples:
+def _write_grid(run, grid_cfg, generate, state, workdir, step):
+    """Sample a grid with the method's sampling parameters (every process takes part in the
+    sampling; process 0 writes it)."""
+    cfg = run.cfg
+    if not cfg.train.grid_samples or generate is None:
         return
+    num_classes = run.data.num_classes
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
     images, _ = methods.generate_many(
-        generate, state.ema.params, cfg.train.grid_samples, grid_cfg.batch_size, num_classes, key
+        generate, run.sample_params(state), cfg.train.grid_samples, grid_cfg.batch_size,
+        num_classes, key,
     )
     if jax.process_index() != 0:
         return

@@ -1,4 +1,10 @@
-"""The training state and its creation directly in its sharding."""
+"""The training state of any method, and its creation directly in its sharding.
+
+A method's trainable groups, their optimizer states and the EMAs are dicts by name, so one
+state type serves DDPM (one group, one EMA), an autoencoder with its discriminator (two
+groups, two optimizers) and LoRA (a group holding a subset of one network's parameters).
+Frozen trees are not part of it: they travel beside it (``train.build.Run.frozen``).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,28 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from diffusax import models
-from diffusax.train.optim import EmaState, ema_init
+from diffusax.train.optim import ema_init
+
+# The layout of TrainState as saved; recorded in every checkpoint's `extra` item. Checkpoints
+# written before it was recorded (one parameter tree, ``ema.params``) are refused by name.
+STATE_LAYOUT = 2
 
 
 class TrainState(NamedTuple):
     """Everything a step reads and writes; a pytree of arrays (checkpointed whole)."""
 
     step: jax.Array  # int32 scalar: the number of batches consumed so far
-    params: dict  # pure dict of the network's parameters
-    opt_state: optax.OptState
-    ema: EmaState
+    params: dict  # {group: pure dict of the group's trainable parameters}
+    opt_state: dict  # {group: optax state}
+    ema: dict  # {EMA name: tree shaped as params[its group]}
     bad_steps: jax.Array  # int32 scalar: consecutive non-finite steps (the "skip" policy)
 
 
 def model_builder(cfg, image_shape, num_classes):
-    """A function key -> nnx model for this config (used under eval_shape and jit)."""
-    from diffusax import diffusion
+    """A function key -> the diffusion network of this config (used under eval_shape and jit)."""
+    from diffusax import diffusion, models
 
     learned = cfg.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
 
@@ -62,22 +70,96 @@ def model_graphdef(build, key):
     return graphdef
 
 
-def _init_state(build, optimizer, key) -> TrainState:
-    _, params = split_params(build(key))
+# ---------------------------------------------------------------------------------------------
+# Trainable subsets of one network's parameters (pure dicts, split and merged by path)
+
+
+def flat_paths(tree) -> dict[tuple, object]:
+    """{(key, ...): leaf} of a nested pure dict."""
+    return {
+        tuple(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def split_tree(tree: dict, selected: frozenset) -> tuple[dict, dict]:
+    """(the leaves whose path is in ``selected``, the others), each a nested pure dict."""
+    flat = flat_paths(tree)
+    unknown = selected - set(flat)
+    if unknown:
+        raise ValueError(f"parameter paths not in the network: {sorted(unknown)[:5]}")
+    chosen = {p: x for p, x in flat.items() if p in selected}
+    rest = {p: x for p, x in flat.items() if p not in selected}
+    return _unflatten(chosen), _unflatten(rest)
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (``split_tree``'s inverse)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
+
+
+def subset_paths(abstract_model, subset) -> frozenset:
+    """The parameter paths a ``methods.Group.subset`` selects in an (abstract) nnx model.
+
+    ``subset`` is a predicate over the path tuple, or an nnx variable type (``nnx.LoRAParam``):
+    the parameters of that type.
+    """
+    if isinstance(subset, type) and issubclass(subset, nnx.Variable):
+        _, chosen, _ = nnx.split(abstract_model, subset, ...)
+        return frozenset(flat_paths(nnx.to_pure_dict(chosen)))
+    _, params = split_params(abstract_model)
+    return frozenset(p for p in flat_paths(params) if subset(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Creation
+
+
+def init_state(params: dict, optimizers: dict, emas: dict) -> TrainState:
+    """The state at step 0 for ``params`` {group: tree}; ``emas`` {name: methods.Ema}."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
-        ema=ema_init(params),
+        opt_state={g: optimizers[g].init(p) for g, p in params.items()},
+        ema={name: ema_init(params[e.group]).params for name, e in emas.items()},
         bad_steps=jnp.zeros((), jnp.int32),
     )
 
 
-def create_train_state(build, optimizer, key, shardings=None) -> TrainState:
-    """Initialise the state; with ``shardings`` the arrays are born sharded (jit out_shardings)."""
-    return jax.jit(lambda k: _init_state(build, optimizer, k), out_shardings=shardings)(key)
+def create_train_state(init_params, optimizers, emas, key, shardings=None) -> TrainState:
+    """``init_params(key) -> {group: tree}`` to the step-0 state; with ``shardings`` the arrays
+    are born sharded (jit out_shardings)."""
+    fn = lambda k: init_state(init_params(k), optimizers, emas)
+    return jax.jit(fn, out_shardings=shardings)(key)
 
 
-def abstract_train_state(build, optimizer, key) -> TrainState:
+def abstract_train_state(init_params, optimizers, emas, key) -> TrainState:
     """The state's shapes and dtypes, without allocating it."""
-    return jax.eval_shape(lambda k: _init_state(build, optimizer, k), key)
+    return jax.eval_shape(lambda k: init_state(init_params(k), optimizers, emas), key)
+
+
+__all__ = [
+    "STATE_LAYOUT",
+    "TrainState",
+    "abstract_train_state",
+    "create_train_state",
+    "merge_trees",
+    "model_builder",
+    "model_graphdef",
+    "split_params",
+    "split_tree",
+    "subset_paths",
+]

@@ -1,7 +1,8 @@
-"""A method is a loss plus a sampler. The loop asks this module for both; it never forks.
+"""DDPM-style denoising diffusion (ε / x_0 / v prediction, hybrid loss): one network, one
+optimizer, one EMA, one gradient update per step; sampled with DDPM, DDIM or DPM-Solver++ and
+classifier-free guidance. Pixel space, or latent space through latent shards (`latents.dir`).
 
-Only DDPM-style denoising (ε / x_0 / v prediction, hybrid loss) exists so far; LDM, LCM and
-ADD add their entries here.
+The schedule, loss and generator factories below are shared by the methods that denoise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,78 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax import diffusion, losses, parallel, sampling, schedules
+from diffusax.methods import base
+
+
+class DDPM(base.Method):
+    """networks {"model"}, groups {"model": optim}, EMAs {"ema": model, optim.ema_decay}."""
+
+    name = "ddpm"
+
+    def networks(self, cfg, data):
+        from diffusax.train.state import model_builder
+
+        return {"model": base.Network(build=model_builder(cfg, data.image_shape, data.num_classes))}
+
+    def groups(self, cfg):
+        return {"model": base.Group("model", optim="optim")}
+
+    def emas(self, cfg):
+        return {"ema": base.Ema("model", cfg.optim.ema_decay)}
+
+    def updates(self, cfg, ctx):
+        loss = make_loss(cfg, ctx.apply_fn("model"), make_schedule(cfg), ctx.data.num_classes)
+        return [base.GradUpdate("model", lambda params, frozen, batch, key: loss(
+            params["model"], batch, key
+        ))]
+
+    def sample_params(self, state, frozen):
+        return state.ema["ema"]
+
+    def sample_network(self, cfg):
+        return "model"
+
+    def make_sampler(self, run, sample_cfg):
+        return make_generate(
+            run.cfg,
+            run.ctx.apply_fn("model"),
+            make_schedule(run.cfg),
+            run.data.num_classes,
+            run.data.image_shape,
+            sample_cfg=sample_cfg,
+            mesh=run.mesh,
+        )
+
+    def describe_sampler(self, cfg):
+        s = cfg.sample
+        steps = s.num_steps or cfg.diffusion.num_timesteps
+        return f"{s.sampler}, {steps} steps, guidance {s.guidance_scale}"
+
+    def forward_flops(self, run):
+        from flax import nnx
+
+        from diffusax import models
+        from diffusax.train.state import model_builder, model_graphdef
+
+        cfg, spec = run.cfg, run.data
+        build = run.networks["model"].build
+        if cfg.model.name == "dit" and cfg.model.scan_blocks:
+            # XLA's cost analysis counts a loop's body once: count a scanned DiT's blocks
+            # unrolled.
+            unrolled = cfg.copy_and_resolve_references()
+            unrolled.model.scan_blocks = False
+            build = model_builder(unrolled, spec.image_shape, spec.num_classes)
+        abstract = nnx.eval_shape(lambda: build(run.init_key))
+        graphdef = model_graphdef(build, run.init_key)
+        flops = models.forward_flops(graphdef, abstract, spec.image_shape, spec.num_classes)
+        return {"model": flops}
+
+    def describe(self, cfg):
+        d = cfg.diffusion
+        return (
+            f"{self.name}  (prediction={d.prediction}, var_type={d.var_type}, "
+            f"T={d.num_timesteps}, {d.schedule} betas)"
+        )
 
 
 def make_schedule(cfg) -> schedules.Schedule:
@@ -22,20 +95,18 @@ def make_schedule(cfg) -> schedules.Schedule:
 
 
 def make_loss(cfg, apply_fn, sched, num_classes):
-    """loss(params, batch, key) -> (loss, metrics) for ``cfg.method``."""
+    """loss(params, batch, key) -> (loss, metrics): the denoising loss of ``cfg.diffusion``."""
     d = cfg.diffusion
-    if cfg.method == "ddpm":
-        return losses.make_diffusion_loss(
-            apply_fn,
-            sched,
-            prediction=d.prediction,
-            var_type=d.var_type,
-            vlb_weight=d.vlb_weight,
-            min_snr_gamma=d.min_snr_gamma or None,
-            label_drop_prob=d.label_drop_prob,
-            null_label=num_classes if cfg.model.class_conditional else None,
-        )
-    raise ValueError(f"config field 'method': unknown method {cfg.method!r}")
+    return losses.make_diffusion_loss(
+        apply_fn,
+        sched,
+        prediction=d.prediction,
+        var_type=d.var_type,
+        vlb_weight=d.vlb_weight,
+        min_snr_gamma=d.min_snr_gamma or None,
+        label_drop_prob=d.label_drop_prob,
+        null_label=num_classes if cfg.model.class_conditional else None,
+    )
 
 
 def sample_labels(num: int, num_classes: int | None, label: int = -1):
@@ -130,14 +201,8 @@ def generate_many(generate, params, num: int, batch_size: int, num_classes, key,
                 np.resize(chunk, batch_size) if chunk.size < batch_size else chunk
             )
         out = generate(params, batch_labels, jax.random.fold_in(key, i))
-        images.append(_to_host(out)[: min(batch_size, num - start)])
+        images.append(parallel.to_host(out)[: min(batch_size, num - start)])
     return np.concatenate(images), labels
 
 
-def _to_host(x) -> np.ndarray:
-    """The whole array as numpy on every process (multi-host: gathered from all of them)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+base.register(DDPM())
