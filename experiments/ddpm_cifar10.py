@@ -18,6 +18,8 @@ def get_config(arg=None):
     c = get_base_config()
     c.name = "ddpm_cifar10"
     c.data.name = "cifar10"
+    c.data.image_shape = (32, 32, 3)  # declared: `make info` works before the download
+    c.data.num_classes = 10
     c.data.random_flip = True
     c.data.num_levels = 256
 

@@ -41,6 +41,9 @@ def get_config(arg=None):
     c.name = "dit_xl2"
     c.data.name = "imagenet2012"  # read through latents.dir, not directly
     c.data.random_flip = True  # the shards hold the mirrored images' latents too
+    # What the shards will hold (`make info` describes the run before they exist).
+    c.data.image_shape = (32, 32, 4)
+    c.data.num_classes = 1000
 
     c.latents.dir = "data/imagenet256_latents"
     c.latents.vae = "data/sd-vae-ft-ema"
@@ -111,6 +114,8 @@ def runlocal(c):
     c.latents.shard_size = 512
     c.latents.batch_size = 64
     c.latents.auto_encode = True
+    c.data.image_shape = (4, 4, 4)
+    c.data.num_classes = 10
     c.model.variant = "S/2"  # patch 2, with the sizes below instead of S's 12 x 384
     c.model.depth = 4
     c.model.hidden_size = 128

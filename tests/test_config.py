@@ -9,7 +9,7 @@ import pytest
 import diffusax.data
 from diffusax import config as config_lib
 from diffusax.config import ConfigError, check_runtime, load_experiment
-from diffusax.train import loop
+from diffusax.train.build import build
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(
@@ -133,7 +133,7 @@ def test_batch_not_divisible_by_the_devices():
         check_runtime(cfg, DIGITS, 10, num_devices=8)
     # The loop checks it on the 8 devices before building or compiling anything.
     with pytest.raises(ConfigError, match=r"'train\.batch_size'"):
-        loop.setup(cfg)
+        build(cfg)
 
 
 def test_mesh_fields_must_fit_the_devices():
@@ -163,14 +163,14 @@ def test_an_image_size_the_unet_cannot_take():
 )
 def test_model_arguments_are_checked_before_compiling(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        loop.setup(digits_cfg(**overrides))
+        build(digits_cfg(**overrides))
 
 
 def test_class_conditional_on_an_unlabelled_dataset(monkeypatch):
     unlabelled = diffusax.data.ArraySource("blank", "train", np.zeros((32, 8, 8, 1), np.uint8))
     monkeypatch.setattr(diffusax.data, "load_source", lambda *args, **kwargs: unlabelled)
     with pytest.raises(ConfigError, match=r"'model\.class_conditional' is True but dataset"):
-        loop.setup(digits_cfg())
+        build(digits_cfg())
     # Unconditional, it is fine.
     cfg = digits_cfg(
         **{
@@ -179,7 +179,8 @@ def test_class_conditional_on_an_unlabelled_dataset(monkeypatch):
             "sample.guidance_scale": 1.0,
         }
     )
-    mesh, source, _, num_classes = loop.setup(cfg)
+    run = build(cfg)
+    mesh, source, num_classes = run.mesh, run.source, run.data.num_classes
     assert source is unlabelled and num_classes is None and mesh.size == len(jax.devices())
 
 

@@ -302,7 +302,7 @@ def test_tfrecord_dataset_is_rejected_with_the_fix(tmp_path):
     from diffusax.data.tfds_source import DatasetNotPreparedError
 
     digits_tfds.DigitsTfds(data_dir=str(tmp_path)).download_and_prepare(file_format="tfrecord")
-    with pytest.raises(DatasetNotPreparedError, match="prepared as tfrecord.*array_record"):
+    with pytest.raises(DatasetNotPreparedError, match=r"prepared as tfrecord.*array_record"):
         data.load_source("digits_tfds", "train", str(tmp_path))
 
 

@@ -26,8 +26,8 @@ from PIL import Image
 
 from diffusax import checkpoint, inference, methods, parallel
 from diffusax.config import load_experiment
-from diffusax.train import loop, optim
-from diffusax.train.state import abstract_train_state
+from diffusax.train import loop
+from diffusax.train.build import build
 
 REPO = Path(__file__).resolve().parents[1]
 # Compiled programs shared with the other test files and subprocesses (see test_train.py).
@@ -83,19 +83,17 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension():
 def test_fsdp_shardings_of_a_whole_train_state():
     cfg = tiny_dit()
     mesh = parallel.make_mesh(2, 4)
-    _, _, build, _ = loop.setup(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    abstract = abstract_train_state(build, optimizer, jax.random.key(0))
+    abstract = build(cfg).abstract
     shardings = parallel.fsdp_shardings(abstract, mesh)
-    qkv = shardings.params["blocks"]["attn"]["qkv"]["kernel"]  # (depth, 32, 96)
+    qkv = shardings.params["model"]["blocks"]["attn"]["qkv"]["kernel"]  # (depth, 32, 96)
     assert qkv.spec == P(None, None, "fsdp")
-    adam = shardings.opt_state[1][0]  # clip_by_global_norm, then adam's ScaleByAdamState
+    adam = shardings.opt_state["model"][1][0]  # clip_by_global_norm, then ScaleByAdamState
     assert adam.mu["blocks"]["attn"]["qkv"]["kernel"].spec == qkv.spec
     assert adam.nu["blocks"]["attn"]["qkv"]["kernel"].spec == qkv.spec
     assert adam.count.spec == P()
-    assert shardings.ema.params["blocks"]["attn"]["qkv"]["kernel"].spec == qkv.spec
+    assert shardings.ema["ema"]["blocks"]["attn"]["qkv"]["kernel"].spec == qkv.spec
     assert shardings.step.spec == P()
-    assert shardings.params["y_embedder"]["embedding"].spec == P()  # 11 x 32 < min_size
+    assert shardings.params["model"]["y_embedder"]["embedding"].spec == P()  # 11 x 32 < min_size
     replicated = parallel.fsdp_shardings(abstract, parallel.make_mesh(8, 1))
     assert all(s.is_fully_replicated for s in jax.tree.leaves(replicated))
     with pytest.raises(ValueError, match="no 'fsdp' axis"):
@@ -130,7 +128,7 @@ def sharded_leaves(tree):
 def test_the_train_state_is_sharded_over_fsdp(fsdp_run):
     _, workdir, result = fsdp_run
     state = result.state
-    fc1 = state.params["blocks"]["mlp"]["fc1"]["kernel"]  # (2, 32, 128): 128 split in 4
+    fc1 = state.params["model"]["blocks"]["mlp"]["fc1"]["kernel"]  # (2, 32, 128): 128 split in 4
     assert dict(fc1.sharding.mesh.shape) == {"data": 2, "fsdp": 4}
     assert fc1.shape == (2, 32, 128)
     assert {s.data.shape for s in fc1.addressable_shards} == {(2, 32, 32)}
@@ -148,7 +146,7 @@ def test_the_train_state_is_sharded_over_fsdp(fsdp_run):
 
 def test_fsdp_and_single_device_training_agree(fsdp_run, single_run):
     _, _, sharded = fsdp_run
-    assert single_run.state.params["blocks"]["mlp"]["fc1"]["kernel"].sharding.mesh.size == 1
+    assert single_run.state.params["model"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.mesh.size == 1
     steps = sorted(sharded.losses)
     assert steps == sorted(single_run.losses) == list(range(TINY_DIT["train.num_steps"]))
     np.testing.assert_allclose(
@@ -162,11 +160,12 @@ def test_fsdp_and_single_device_training_agree(fsdp_run, single_run):
 
 def test_a_fsdp_checkpoint_restores_bitwise_onto_other_meshes(fsdp_run):
     cfg, workdir, result = fsdp_run
-    _, _, build, _ = loop.setup(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    abstract = abstract_train_state(build, optimizer, jax.random.key(cfg.seed))
+    abstract = build(cfg).abstract
     for mesh in (parallel.make_mesh(1, 1, devices=jax.devices()[:1]), parallel.make_mesh(8, 1)):
-        target = loop._with_shardings(abstract, loop._shardings(abstract, mesh))
+        shardings = parallel.fsdp_shardings(abstract, mesh)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
         with checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"), save_every=1, keep=10, async_save=False
         ) as ckpt:

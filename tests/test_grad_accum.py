@@ -19,6 +19,7 @@ from diffusax import parallel
 from diffusax.config import ConfigError
 from diffusax.train import loop
 from diffusax.train.optim import ema_init
+from diffusax.methods import Ema, GradUpdate
 from diffusax.train.state import TrainState
 from diffusax.train.step import make_train_step, split_micro_batches
 
@@ -48,31 +49,37 @@ def test_accumulated_step_equals_the_whole_batch_step():
     repl, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     batch = jax.device_put(batch, rows)
     state = TrainState(
-        jnp.zeros((), jnp.int32), params, optimizer.init(params), ema_init(params), jnp.zeros(())
+        jnp.zeros((), jnp.int32),
+        {"w": params},
+        {"w": optimizer.init(params)},
+        {"ema": ema_init(params).params},
+        jnp.zeros(()),
     )
     shardings = jax.tree.map(lambda _: repl, state)
+    update = GradUpdate("w", lambda p, frozen, batch, key: loss_fn(p["w"], batch, key))
 
     def one_step(accum):
         step = make_train_step(
-            loss_fn,
-            optimizer,
-            ema_decay=0.9,
+            [update],
+            {"w": optimizer},
+            {"ema": Ema("w", 0.9)},
             seed=0,
             skip_nonfinite=False,
             accum_steps=accum,
             mesh=mesh,
         )
-        step = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, repl))
-        return step(jax.device_put(state, shardings), batch)
+        step = jax.jit(step, in_shardings=(shardings, repl, rows), out_shardings=(shardings, repl))
+        return step(jax.device_put(state, shardings), {}, batch)
 
     whole, whole_metrics = one_step(1)
     split, split_metrics = one_step(2)
     assert int(split.step) == 1
     for name in ("loss", "mean_label", "grad_norm"):  # metrics: the mean over micro-batches
         np.testing.assert_allclose(split_metrics[name], whole_metrics[name], rtol=1e-5)
-    np.testing.assert_allclose(split.params["w"], whole.params["w"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(split.ema.params["w"], whole.ema.params["w"], rtol=1e-6)
-    assert not np.allclose(split.params["w"], params["w"])  # the step did move the weights
+    split_w, whole_w = split.params["w"], whole.params["w"]  # the group "w"
+    np.testing.assert_allclose(split_w["w"], whole_w["w"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(split.ema["ema"]["w"], whole.ema["ema"]["w"], rtol=1e-6)
+    assert not np.allclose(split_w["w"], params["w"])  # the step did move the weights
 
 
 def test_micro_batches_take_every_nth_row_and_stay_on_their_devices():

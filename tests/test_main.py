@@ -18,7 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from diffusax.config import load_experiment
-from diffusax.train import loop
+from diffusax.train.build import build
 from diffusax.train.state import split_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def test_info_prints_what_a_run_would_use(tmp_path):
     gflops = float(re.search(r"^forward GFLOPs: ([\d.]+)", out, re.M).group(1))
     # The same count in this process: runlocal's U-Net (ch 16, mult (1, 2), 10 classes).
     cfg = load_experiment("ddpm_digits", overrides={"runlocal": True})
-    _, _, build, _ = loop.setup(cfg)
-    _, abstract = split_params(nnx.eval_shape(lambda: build(jax.random.key(0))))
+    net = build(cfg).networks["model"]
+    _, abstract = split_params(nnx.eval_shape(lambda: net.build(jax.random.key(0))))
     assert params == sum(x.size for x in jax.tree.leaves(abstract))
     # Each 3x3 convolution weight is used at every pixel: far more than 2 FLOPs per parameter,
     # and below 2 * params * pixels.

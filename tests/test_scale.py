@@ -17,12 +17,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusax import methods, models
+from diffusax import models
 from diffusax.config import load_experiment
 from diffusax.models.dit import dit_flops
-from diffusax.train import optim
-from diffusax.train.state import abstract_train_state, model_builder, model_graphdef
-from diffusax.train.step import make_train_step
+from diffusax.train.build import build
 
 # experiments/dit_xl2.py: 256x256 images as 32x32x4 latents, 1000 classes.
 LATENT_SHAPE, NUM_CLASSES, BATCH = (32, 32, 4), 1000, 2
@@ -30,21 +28,16 @@ LATENT_SHAPE, NUM_CLASSES, BATCH = (32, 32, 4), 1000, 2
 
 def test_dit_xl2_train_step_compiles_in_under_a_minute():
     # bf16 compute, AdamW, learned Σ; the compile-once switch on
-    cfg = load_experiment("dit_xl2", overrides={"model.scan_blocks": True})
-    build = model_builder(cfg, LATENT_SHAPE, NUM_CLASSES)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    key = jax.random.key(0)
-    abstract = abstract_train_state(build, optimizer, key)  # shapes only
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    assert abs(n_params - 675.1e6) < 0.5e6  # DiT-XL/2 (Table 4: 675M)
-    apply_fn = models.make_apply_fn(model_graphdef(build, key))
-    loss_fn = methods.make_loss(cfg, apply_fn, methods.make_schedule(cfg), NUM_CLASSES)
     # The seed is a constant of the program: a fresh one makes sure that nothing comes from the
     # session's persistent compilation cache, and the huge threshold that nothing goes into it.
-    nonce = int.from_bytes(os.urandom(4), "little")
-    step = make_train_step(
-        loss_fn, optimizer, ema_decay=cfg.optim.ema_decay, seed=nonce, skip_nonfinite=False
-    )
+    nonce = int.from_bytes(os.urandom(4), "little") >> 1
+    cfg = load_experiment("dit_xl2", overrides={"model.scan_blocks": True, "seed": nonce})
+    run = build(cfg, require_data=False)  # the shapes dit_xl2 declares; no shards needed
+    assert run.data.image_shape == LATENT_SHAPE and run.data.num_classes == NUM_CLASSES
+    abstract = run.abstract  # shapes only
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    assert abs(n_params - 675.1e6) < 0.5e6  # DiT-XL/2 (Table 4: 675M)
+    step = run.step_fn
     batch = {
         "image": jax.ShapeDtypeStruct((BATCH, *LATENT_SHAPE), jnp.float32),
         "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
@@ -53,7 +46,7 @@ def test_dit_xl2_train_step_compiles_in_under_a_minute():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     try:
         wall, cpu = time.perf_counter(), time.process_time()
-        compiled = jax.jit(step, donate_argnums=0).lower(abstract, batch).compile()
+        compiled = jax.jit(step, donate_argnums=0).lower(abstract, {}, batch).compile()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
@@ -62,7 +55,7 @@ def test_dit_xl2_train_step_compiles_in_under_a_minute():
     # machine runs (on a quiet 2-core machine the two agree, about 5 s).
     assert cpu < 60, f"compiling the DiT-XL/2 train step took {cpu:.1f} s of CPU time"
     out_state, _ = compiled.out_info
-    assert out_state.params["blocks"]["mlp"]["fc1"]["kernel"].shape == (28, 1152, 4608)
+    assert out_state.params["model"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (28, 1152, 4608)
 
 
 @pytest.mark.parametrize("scan", [True, False])

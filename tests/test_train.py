@@ -151,7 +151,7 @@ def test_state_is_born_sharded_and_stays_sharded(sharded_run):
 def test_sharded_and_single_device_give_the_same_loss_curve(sharded_run, workdirs):
     _, sharded = sharded_run
     single = loop.train(tiny(), str(workdirs / "single"), devices=jax.devices()[:1])
-    assert single.state.params["conv_in"]["kernel"].sharding.mesh.size == 1
+    assert single.state.params["model"]["conv_in"]["kernel"].sharding.mesh.size == 1
     steps = sorted(sharded.losses)
     assert sorted(single.losses) == steps
     np.testing.assert_allclose(

@@ -50,20 +50,32 @@ def describe_run(cfg) -> str:
     spec, method = run.data, run.method
     lines = [f"experiment: {cfg.name}", f"method: {method.describe(cfg)}"]
     flops_of = method.forward_flops(run)
+    total = 0
     for name, net in run.networks.items():
         abstract = nnx.eval_shape(lambda net=net: net.build(run.init_key))
+        count = models.count_params(abstract)
+        total += count
         group = run.ctx.group_of.get(name)
-        role = "frozen" if group is None else f"trainable ({group})"
+        role = "frozen" if group is None else f"trained as group {group!r}"
         if name in run.ctx.subsets:
-            role = f"trainable subset ({group}, {len(run.ctx.subsets[name])} arrays), rest frozen"
-        lines.append(f"network {name}: {type(abstract).__name__}, {role}")
-        lines.append(f"  parameters: {models.count_params(abstract)}")
-        flops = flops_of.get(name)
-        if flops is not None:
-            lines.append(f"  forward GFLOPs: {flops / 1e9:.4f}  (per example)")
-            lines.append(f"  forward GMACs: {flops / 2e9:.4f}")
-        elif name in flops_of:
-            lines.append("  forward GFLOPs: unknown (XLA gave no cost analysis on this backend)")
+            role = f"group {group!r} trains {len(run.ctx.subsets[name])} of its arrays, rest frozen"
+        line = f"network {name}: {type(abstract).__name__}, {count} parameters, {role}"
+        if flops_of.get(name) is not None:
+            line += f", {flops_of[name] / 1e9:.4f} forward GFLOPs per example"
+        lines.append(line)
+    if cfg.model.name and "model" in run.networks:
+        lines.append(f"model: {cfg.model.name}")
+    lines.append(f"parameters: {total}")
+    main_net = method.sample_network(cfg)
+    flops = flops_of.get(main_net)
+    if main_net in flops_of:
+        lines += (
+            [f"forward GFLOPs: {flops / 1e9:.4f}  (per example, {main_net})",
+             f"forward GMACs: {flops / 2e9:.4f}"]
+            if flops is not None
+            else ["forward GFLOPs: unknown (XLA gave no cost analysis on this backend)",
+                  "forward GMACs: unknown"]
+        )
     platform = jax.devices()[0].platform
     lines.append(f"mesh: {dict(run.mesh.shape)} over {run.mesh.size} {platform} device(s)")
     if spec.info is not None:

@@ -23,8 +23,7 @@ import numpy as np
 
 from diffusax import checkpoint, parallel
 from diffusax.config import load_experiment
-from diffusax.train import loop, optim
-from diffusax.train.state import abstract_train_state
+from diffusax.train.build import build
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINER = Path(__file__).resolve().parent / "trainer.py"
@@ -248,10 +247,9 @@ def tree_digest(root) -> dict[str, str]:
 def abstract_state(over: dict, devices):
     """The train state's shapes with replicated shardings over ``devices`` (a restore target)."""
     cfg = config(over)
-    mesh, _, build, _ = loop.setup(cfg, devices=list(devices))
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    abstract = abstract_train_state(build, optimizer, jax.random.key(cfg.seed))
-    repl = parallel.replicated(mesh)
+    run = build(cfg, devices=list(devices))
+    abstract = run.abstract
+    repl = parallel.replicated(run.mesh)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
 
 
@@ -291,17 +289,15 @@ def network_outputs(over: dict, state, examples: int = 16) -> dict[str, np.ndarr
     into full-size steps, so such parameters drift apart while the function the network
     computes does not. Comparing outputs compares what matters.
     """
-    from diffusax import models
-    from diffusax.train.state import model_graphdef
-
     cfg = config(over)
-    _, source, build, num_classes = loop.setup(cfg, devices=jax.devices()[:1])
+    run = build(cfg, devices=jax.devices()[:1])
+    source, num_classes = run.source, run.data.num_classes
     batch = source.read(np.arange(examples))
     x = batch["image"]  # (n, H, W, C)
     t = np.linspace(0, cfg.diffusion.num_timesteps - 1, examples).astype(np.int32)  # (n,)
     y = batch.get("label") if num_classes else None
-    apply_fn = jax.jit(models.make_apply_fn(model_graphdef(build, jax.random.key(cfg.seed))))
+    apply_fn = jax.jit(run.ctx.apply_fn("model"))
     return {
-        "params": host(apply_fn(jax.device_get(state.params), x, t, y)),
-        "ema": host(apply_fn(jax.device_get(state.ema.params), x, t, y)),
+        "params": host(apply_fn(jax.device_get(state.params["model"]), x, t, y)),
+        "ema": host(apply_fn(jax.device_get(state.ema["ema"]), x, t, y)),
     }

@@ -250,6 +250,9 @@ def open_data(cfg, *, require_data: bool = True):
         if cfg.latents.dir:  # latent diffusion: the model's "images" are the VAE's latents
             from diffusax.data import latents
 
+            if not require_data and cfg.latents.auto_encode:  # describing writes nothing
+                cfg = cfg.copy_and_resolve_references()
+                cfg.latents.auto_encode = False
             source = latents.open_source(cfg)
         else:
             source = data_lib.load_source(
