@@ -404,6 +404,37 @@ class Checkpointer:
             + listed
         ) from damaged[0][1]
 
+    def read_tree(self, path: tuple[str, ...], step: int | None = None):
+        """One subtree of a saved state (e.g. ``("ema", "ema")``) on the first local device,
+        without knowing the model that wrote it: the target comes from the saved metadata,
+        and the checksums are verified as in ``restore``. FileNotFoundError when the
+        directory holds no checkpoint, KeyError naming the path when the state has no such
+        subtree."""
+        self._manager.reload()
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        saved = self._manager.metadata(step).item_metadata[STATE_ITEM]
+        tree = getattr(saved, "tree", saved)
+        node = tree
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise KeyError(
+                    f"checkpoint {self.step_path(step)} has no {'/'.join(path)} in its state "
+                    f"(it has {sorted(tree)})"
+                )
+            node = node[key]
+        device = jax.local_devices()[0]
+        single = jax.sharding.SingleDeviceSharding(device)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single), tree
+        )
+        restored = self.restore(target, step=step)
+        node = restored.state
+        for key in path:
+            node = node[key]
+        return node
+
     def _restore_step(self, step: int, target) -> Restored:
         path = self.step_path(step)
         saved = self._manager.metadata(step).item_metadata[STATE_ITEM]

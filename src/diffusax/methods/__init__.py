@@ -14,7 +14,16 @@ import difflib
 import importlib
 import pkgutil
 
-from diffusax.methods.base import Ema, GradUpdate, Group, Method, Network, register, registered
+from diffusax.methods.base import (
+    Ema,
+    GradUpdate,
+    Group,
+    Method,
+    Network,
+    register,
+    registered,
+    registered_names,
+)
 
 # The denoising helpers every diffusion method and inference share.
 from diffusax.methods.ddpm import (
@@ -28,9 +37,10 @@ from diffusax.methods.ddpm import (
 
 
 def names() -> list[str]:
-    """Every method module of this package (imported or not)."""
+    """Every method: the modules of this package (imported or not) and any registered."""
     here = __path__  # type: ignore[name-defined]
-    return sorted(m.name for m in pkgutil.iter_modules(here) if m.name != "base")
+    modules = {m.name for m in pkgutil.iter_modules(here) if m.name != "base"}
+    return sorted(modules | set(registered_names()))
 
 
 def get(name: str) -> Method:

@@ -161,6 +161,10 @@ def registered(name: str) -> Method | None:
     return _REGISTRY.get(name)
 
 
+def registered_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def check_fields(cfg, section: str, *, positive=(), non_negative=(), unit_interval=()) -> None:
     """The usual range checks over ``cfg[section]``'s fields, ConfigError naming the field."""
     node = cfg[section]

@@ -21,12 +21,13 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 
 import jax
 import numpy as np
 
 from diffusax import data as data_lib
-from diffusax import methods, parallel
+from diffusax import checkpoint, methods, parallel
 from diffusax import config as config_lib
 from diffusax.models import make_apply_fn
 from diffusax.train import optim
@@ -213,6 +214,22 @@ class Run:
 
     def sample_params(self, state) -> dict:
         return self.method.sample_params(state, self.frozen())
+
+
+def load_from_run(run_dir: str, path: tuple[str, ...] = ("ema", "ema")):
+    """A ``Network.load`` for weights trained by another run of this project: the subtree
+    ``path`` of the latest checkpoint in ``run_dir`` (by default DDPM's EMA)."""
+
+    def load():
+        directory = os.path.join(run_dir, "checkpoints")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"no checkpoint in {directory}: train that run first (its weights are frozen here)"
+            )
+        with checkpoint.Checkpointer(directory, save_every=1, keep=10**9, async_save=False) as c:
+            return c.read_tree(tuple(path))
+
+    return load
 
 
 def digest(tree) -> str:
