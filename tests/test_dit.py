@@ -3,8 +3,9 @@ guided), scan / remat / bf16 switches, adaLN-Zero initialisation, label dropout,
 
 The parity oracle is a real diffusers DiTTransformer2DModel with every parameter randomised
 (diffusers zero-initialises the adaLN modulations and the output, which would hide a swapped
-shift/scale or a transposed projection), its per-block embedder copies then made equal (see
-DESIGN.md), saved with save_pretrained and loaded back with our converter. Torch is NCHW, we are
+shift/scale or a transposed projection), its per-block embedder copies then made equal (diffusers
+keeps a timestep/label embedder in every block, where the paper shares one; the public
+checkpoints were converted from one, so their copies are equal), saved with save_pretrained and loaded back with our converter. Torch is NCHW, we are
 NHWC.
 """
 

@@ -203,7 +203,8 @@ def test_unfinished_or_other_shards_are_refused(tmp_path, shards, vae, images):
         kw = dict(image_size=24, shard_size=4, views=2)
         latents.encode_to_shards(directory, images, vae, latents.TINY_RANDOM, **kw)
     Path(directory, "manifest.json").write_text(json.dumps(dict(manifest, views=1, complete=True)))
-    with pytest.raises(data.DataConfigError, match=r"data\.random_flip"):  # flips need mirrored views
+    # Flips need the mirrored views: a config field the data cannot serve, named in the error.
+    with pytest.raises(data.DataConfigError, match=r"data\.random_flip"):
         latents.open_source(cfg)
 
 

@@ -307,6 +307,9 @@ def validate(cfg) -> None:
         or fields["train.mesh_data"] < -1
     ):
         raise ConfigError("config fields 'train.mesh_data' (-1 or >= 1) / 'train.mesh_fsdp' (>= 1)")
+    from diffusax import methods
+
+    methods.get(fields["method"]).validate(cfg)  # the method's own fields
 
 
 def _check_dit_sizes(fields) -> None:
@@ -409,8 +412,10 @@ def check_runtime(cfg, image_shape, num_classes, num_devices: int) -> None:
             f"config field 'sample.guided_channels' ({guided}) exceeds the {image_shape[-1]} "
             f"channels the model generates (-1 guides them all)"
         )
-    from diffusax import models
+    from diffusax import methods, models
 
+    if "model" not in methods.get(cfg.method).param_sections:
+        return  # the method builds no denoising network from `config.model`
     try:
         models.check_image_shape(cfg.model, tuple(image_shape))
     except ValueError as e:  # its message names the field
@@ -432,15 +437,14 @@ _RESUMABLE_MODEL_FIELDS = (
 )
 
 
-def digest_fields(cfg) -> dict:
-    """The fields that must not change across a resume (they shape the parameters)."""
+def digest_fields(cfg, sections=("model",)) -> dict:
+    """The fields that must not change across a resume (they shape the parameters): those of
+    the method's network ``sections`` (``Method.param_sections``), the method and the
+    variance type."""
+    prefixes = tuple(f"{s}." for s in sections)
     return {
         k: v
         for k, v in _flatten(cfg)
-        if (k.startswith("model.") and k not in _RESUMABLE_MODEL_FIELDS)
+        if (k.startswith(prefixes) and k not in _RESUMABLE_MODEL_FIELDS)
         or k in ("method", "diffusion.var_type")
     }
-
-
-def num_params_str(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)

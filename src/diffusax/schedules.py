@@ -121,12 +121,3 @@ def snr(alphas_cumprod):
 def log_snr(alphas_cumprod):
     """λ_t = log(ᾱ_t / (1 - ᾱ_t)) = 2 log(α_t/σ_t), the time variable of DPM-Solver."""
     return jnp.log(alphas_cumprod) - jnp.log1p(-alphas_cumprod)
-
-
-def continuous_time(t, num_timesteps: int):
-    """Map a discrete index t ∈ {0..T-1} to continuous time τ = (t + 1)/T ∈ (0, 1].
-
-    With β_i = β(τ_i)/T this ties DDPM's chain to the VP-SDE on [0, 1] (Song et al. 2021):
-    DDPM's 1e-4..0.02 over T = 1000 is the VP-SDE's β_min = 0.1, β_max = 20.
-    """
-    return (jnp.asarray(t, jnp.float32) + 1.0) / num_timesteps

@@ -90,6 +90,9 @@ class Method:
     """Base class of a registered method; subclasses override what they need."""
 
     name: str = ""
+    # The config sections whose fields shape the networks' parameters: a resume that changes
+    # one of them is refused, naming it (``config.digest_fields``).
+    param_sections: tuple[str, ...] = ("model",)
 
     def validate(self, cfg) -> None:
         """ConfigError naming the field for a config this method cannot run."""

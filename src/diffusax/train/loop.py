@@ -79,7 +79,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         keep=cfg.train.keep_checkpoints,
         async_save=cfg.train.async_checkpoint,
     )
-    digest = config_lib.digest_fields(cfg)
+    digest = config_lib.digest_fields(cfg, run.method.param_sections)
     try:
         frozen = run.frozen()
         frozen_record = run.frozen_record()
