@@ -19,30 +19,15 @@ class Trained:
     """What sampling and evaluation need from a finished (or running) training run."""
 
     cfg: object
-    run: Run
-    state: object  # the restored TrainState
+    mesh: object
+    apply_fn: object  # the sampled network as apply_fn(params, x, t, y)
     params: dict  # what the method samples with (the EMA, for DDPM)
     step: int
-
-    @property
-    def mesh(self):
-        return self.run.mesh
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.run.data.num_classes
-
-    @property
-    def image_shape(self) -> tuple:
-        return self.run.data.image_shape
-
-    @property
-    def apply_fn(self):
-        return self.run.ctx.apply_fn(self.run.method.sample_network(self.cfg))
-
-    @property
-    def sched(self):
-        return methods.make_schedule(self.cfg)
+    num_classes: int | None
+    image_shape: tuple
+    sched: object
+    run: Run | None = None  # the built run (None for a hand-made Trained, as in tests)
+    state: object = None  # the restored TrainState
 
 
 def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
@@ -61,10 +46,15 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
         raise missing
     return Trained(
         cfg=cfg,
-        run=run,
-        state=restored.state,
+        mesh=run.mesh,
+        apply_fn=run.ctx.apply_fn(run.method.sample_network(cfg)),
         params=run.sample_params(restored.state),
         step=restored.step,
+        num_classes=run.data.num_classes,
+        image_shape=run.data.image_shape,
+        sched=methods.make_schedule(cfg),
+        run=run,
+        state=restored.state,
     )
 
 
@@ -73,7 +63,18 @@ def draw_samples(trained: Trained, num: int, key, *, sample_cfg=None, label: int
     s = (sample_cfg or trained.cfg.sample).copy_and_resolve_references()
     with s.unlocked():
         s.batch_size = methods.padded_batch_size(min(s.batch_size, num), trained.mesh.size)
-    generate = trained.run.method.make_sampler(trained.run, s)
+    if trained.run is not None:  # the method's sampler
+        generate = trained.run.method.make_sampler(trained.run, s)
+    else:  # a hand-made Trained: the denoising sampler over its fields
+        generate = methods.make_generate(
+            trained.cfg,
+            trained.apply_fn,
+            trained.sched,
+            trained.num_classes,
+            trained.image_shape,
+            sample_cfg=s,
+            mesh=trained.mesh,
+        )
     if generate is None:
         raise config_lib.ConfigError(
             f"method {trained.cfg.method!r} draws no samples; see `make eval EXP={trained.cfg.name}`"
