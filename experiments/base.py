@@ -73,6 +73,31 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
     c.optim.ema_decay = 0.9999
 
+    # The discriminator's optimizer (method "autoencoder"): the same fields as `optim`,
+    # Adam(0.5, 0.9) as taming-transformers and LDM.
+    c.disc_optim = c.optim.copy_and_resolve_references()
+    c.disc_optim.b1 = 0.5
+    c.disc_optim.b2 = 0.9
+
+    # Method "autoencoder": the KL autoencoder of latent diffusion with a patch discriminator
+    # (diffusax.methods.autoencoder). The architecture is Stable Diffusion's AutoencoderKL.
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.image_size = 0  # resize the images to this side first (0 = as they are)
+    c.autoencoder.block_out_channels = (128, 256, 512, 512)  # one level each; 2^(n-1) smaller
+    c.autoencoder.layers_per_block = 2
+    c.autoencoder.latent_channels = 4
+    c.autoencoder.norm_num_groups = 32
+    c.autoencoder.mid_attention = True
+    c.autoencoder.reconstruction = "l1"  # l1 | l2, a mean over every element
+    c.autoencoder.kl_weight = 1e-6  # β; see diffusax.autoencoder_losses on its scale
+    c.autoencoder.perceptual_weight = 0.0  # > 0: the frozen feature network below
+    c.autoencoder.perceptual = ""  # "classifier:PATH": a digits classifier saved by `make eval`
+    c.autoencoder.disc_start = 50_001  # the GAN terms are off before this step
+    c.autoencoder.disc_weight = 0.5  # w_d (0 = no discriminator update at all)
+    c.autoencoder.disc_channels = 64  # ndf of the PatchGAN
+    c.autoencoder.disc_layers = 3
+    c.autoencoder.disc_norm_groups = 32
+
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global, over all devices and hosts
     # Gradient accumulation: each device's rows pass in this many micro-batches whose mean

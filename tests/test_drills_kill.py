@@ -259,3 +259,57 @@ def test_sigterm_saves_the_step_in_hand_and_the_restart_loses_and_replays_nothin
         + ", ".join(f"{s:.1f}" for s in restart_seconds)
         + "; steps lost 0, batches replayed 0"
     )
+
+
+# --- the autoencoder method (two networks, two optimizers) ---------------------------------
+
+AE_STEPS = 40
+AE_OVERRIDES = dict(
+    dh.TINY_AUTOENCODER,
+    **{"train.num_steps": AE_STEPS, "train.checkpoint_every": 2, "train.keep_checkpoints": 3},
+)
+AE_MOMENTS = ["startup", "step", "step", "write", "write", "commit"]
+
+
+def test_sigkill_of_the_autoencoder_method_then_resume_is_bitwise(tmp_path):
+    """Six SIGKILLs of a two-network run (the discriminator on from step 4); each restart
+    resumes from the newest complete checkpoint, and the final vae, discriminator, both Adam
+    states and every logged loss are bitwise those of an uninterrupted run."""
+    env = dh.trainer_env(1)
+    ref_dir = tmp_path / "reference"
+    reference = dh.Trainer(ref_dir, AE_OVERRIDES, env=env, name="ref", config=dh.AUTOENCODER)
+    assert reference.wait() == 0, reference.stderr()[-3000:]
+    ref_losses = {r["step"]: r["loss"] for r in dh.read_metrics(ref_dir)}
+    assert sorted(ref_losses) == list(range(1, AE_STEPS + 1))
+
+    rng = random.Random(KILL_SEED + 1)
+    workdir = tmp_path / "killed"
+    kill_env = dh.trainer_env(1, cache_writes=False)
+    for i, moment in enumerate(AE_MOMENTS):
+        start = max(dh.steps_on_disk(workdir), default=0)
+        trainer = dh.Trainer(
+            workdir, AE_OVERRIDES, env=kill_env, name=f"attempt{i}", config=dh.AUTOENCODER
+        )
+        try:
+            hit = _kill_moment(trainer, moment, start, rng)
+        finally:
+            trainer.kill()
+        assert trainer.proc.returncode == -9, trainer.stderr()[-3000:]
+        assert hit == moment, f"attempt {i}: wanted a kill at {moment}, got {hit}"
+        batches = trainer.batches()
+        if batches:
+            assert batches[0]["step"] == start
+    last_start = max(dh.steps_on_disk(workdir), default=0)
+    final = dh.Trainer(workdir, AE_OVERRIDES, env=kill_env, name="final", config=dh.AUTOENCODER)
+    assert final.wait() == 0, final.stderr()[-3000:]
+    if last_start:
+        assert f"resumed from step {last_start}" in final.stderr()
+
+    for record in dh.read_metrics(workdir):
+        assert record["loss"] == ref_losses[record["step"]], record["step"]
+    assert dh.tmp_dirs(workdir) == []
+    got = dh.restore(workdir, AE_OVERRIDES, experiment=dh.AUTOENCODER)
+    want = dh.restore(ref_dir, AE_OVERRIDES, experiment=dh.AUTOENCODER)
+    assert got.step == want.step == AE_STEPS
+    assert sorted(got.state.params) == ["disc", "vae"]
+    assert dh.differing_leaves(got.state, want.state) == []

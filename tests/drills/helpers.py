@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINER = Path(__file__).resolve().parent / "trainer.py"
 LAUNCH = Path(__file__).resolve().parent / "launch.py"
 CONFIG = REPO / "experiments" / "ddpm_digits.py"
+AUTOENCODER = REPO / "experiments" / "autoencoder_digits.py"
 
 # A U-Net of one level (residual blocks down and up, the middle block with its attention,
 # time and class embeddings): a checkpoint of ~0.7 MB, quick to save and restore, yet a save
@@ -53,6 +54,23 @@ TINY = {
 }
 
 
+# The autoencoder method at its smallest: two 8-channel levels at the digits' 8x8, a one-layer
+# PatchGAN on from step 4, constant learning rates (a run of k steps is the prefix of n).
+TINY_AUTOENCODER = {
+    "autoencoder.image_size": 8,
+    "autoencoder.block_out_channels": (8, 8),
+    "autoencoder.norm_num_groups": 4,
+    "autoencoder.disc_channels": 8,
+    "autoencoder.disc_norm_groups": 4,
+    "autoencoder.disc_start": 4,
+    "optim.schedule": "constant",
+    "optim.warmup_steps": 4,
+    "train.batch_size": 16,
+    "train.log_every": 1,
+    "train.progress": False,
+}
+
+
 def overrides(**changes) -> dict:
     """TINY with changes given as ``train__num_steps=8`` (double underscore for a dot)."""
     out = dict(TINY)
@@ -60,8 +78,8 @@ def overrides(**changes) -> dict:
     return out
 
 
-def config(over: dict):
-    return load_experiment(str(CONFIG), overrides=over)
+def config(over: dict, experiment=CONFIG):
+    return load_experiment(str(experiment), overrides=over)
 
 
 def flags(over: dict) -> list[str]:
@@ -244,19 +262,21 @@ def tree_digest(root) -> dict[str, str]:
     return out
 
 
-def abstract_state(over: dict, devices):
+def abstract_state(over: dict, devices, experiment=CONFIG):
     """The train state's shapes with replicated shardings over ``devices`` (a restore target)."""
-    cfg = config(over)
+    cfg = config(over, experiment)
     run = build(cfg, devices=list(devices))
     abstract = run.abstract
     repl = parallel.replicated(run.mesh)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
 
 
-def restore(workdir, over: dict, devices=None, step=None) -> checkpoint.Restored:
+def restore(
+    workdir, over: dict, devices=None, step=None, experiment=CONFIG
+) -> checkpoint.Restored:
     """A checkpoint of ``workdir`` read back onto ``devices`` (default: the first device)."""
     devices = jax.devices()[:1] if devices is None else devices
-    target = abstract_state(over, devices)
+    target = abstract_state(over, devices, experiment)
     with checkpoint.Checkpointer(
         Path(workdir) / "checkpoints", save_every=1, keep=1000, async_save=False
     ) as ckpt:

@@ -280,6 +280,32 @@ def load(path: str, train_source, expected_fingerprint: str) -> Classifier | Non
     )
 
 
+def load_params(path: str, image_shape, num_classes: int) -> dict:
+    """The parameters of a classifier saved by ``save``, as a pure dict, with no fingerprint
+    check: for a frozen feature network (the autoencoder's perceptual term). FileNotFoundError
+    or ValueError naming the file when it is missing or of another architecture."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no classifier at {path!r}; `make eval` of a digits run writes one "
+            f"(runs/EXP/eval/classifier_digits.npz)"
+        )
+    _, abstract = _split(nnx.eval_shape(lambda: _build(image_shape, num_classes, 0)))
+    names = _flatten(jax.tree.map(lambda a: np.zeros((), a.dtype), abstract))
+    leaves, treedef = jax.tree.flatten(abstract)
+    with np.load(path) as npz:
+        stored = {k: npz[k] for k in npz.files}
+    values = []
+    for name, leaf in zip(names, leaves, strict=True):
+        value = stored.get(name)
+        if value is None or value.shape != leaf.shape:
+            raise ValueError(
+                f"classifier {path!r} does not fit images {tuple(image_shape)} with "
+                f"{num_classes} classes ({name})"
+            )
+        values.append(np.asarray(value, leaf.dtype))
+    return jax.tree.unflatten(treedef, values)
+
+
 def load_or_train(train_source, test_source, cache_path: str, *, steps: int, seed: int):
     """The classifier cached at ``cache_path`` if its fingerprint matches, else a new one.
 

@@ -149,8 +149,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     t0 = time.time()
     timings = {}
     trained = inference.load_trained(cfg, workdir, devices=devices)
-    train_source = _load(cfg, cfg.data.train_split)
-    test_source = _load(cfg, cfg.data.eval_split)
+    train_source = load_split(cfg, cfg.data.train_split)
+    test_source = load_split(cfg, cfg.data.eval_split)
     eval_dir = os.path.join(workdir, "eval")
     clf = classifier_lib.load_or_train(
         train_source,
@@ -224,11 +224,11 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     timings["total"] = time.time() - t0
     metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     if jax.process_index() == 0:
-        _write_json(os.path.join(eval_dir, "metrics.json"), metrics)
+        write_json(os.path.join(eval_dir, "metrics.json"), metrics)
     return metrics
 
 
-def _load(cfg, split):
+def load_split(cfg, split):
     return data.load_source(
         cfg.data.name,
         split,
@@ -238,7 +238,7 @@ def _load(cfg, split):
     )
 
 
-def _write_json(path: str, metrics: dict) -> None:
+def write_json(path: str, metrics: dict) -> None:
     def clean(value):  # NaN/inf are not JSON: write null
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}

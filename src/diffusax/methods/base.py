@@ -84,6 +84,9 @@ class GradUpdate:
     group: str
     loss: Callable
     metrics_prefix: str = ""
+    # True: the loss also takes the step, ``loss(params, frozen, batch, key, step)`` (a term
+    # that starts at some step, like the autoencoder's discriminator).
+    with_step: bool = False
 
 
 class Method:

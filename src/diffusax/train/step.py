@@ -52,23 +52,25 @@ def make_train_step(
     base_key = jax.random.key(seed)
 
     def group_grad_fn(update):
-        def loss_of_group(group_params, params, frozen, batch, key):
-            return update.loss({**params, update.group: group_params}, frozen, batch, key)
+        def loss_of_group(group_params, params, frozen, batch, key, step):
+            args = (frozen, batch, key, step) if update.with_step else (frozen, batch, key)
+            return update.loss({**params, update.group: group_params}, *args)
 
         return jax.value_and_grad(loss_of_group, has_aux=True)
 
     grad_fns = [group_grad_fn(u) for u in updates]
 
-    def accumulated_grads(grad_fn, group_params, params, frozen, batch, key):
+    def accumulated_grads(grad_fn, group_params, params, frozen, batch, key, step):
         micro = split_micro_batches(batch, accum_steps, mesh)
 
         def body(total, xs):
             index, micro_batch = xs
-            out = grad_fn(group_params, params, frozen, micro_batch, jax.random.fold_in(key, index))
+            key_k = jax.random.fold_in(key, index)
+            out = grad_fn(group_params, params, frozen, micro_batch, key_k, step)
             return jax.tree.map(jnp.add, total, out), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, group_params, params, frozen, first, key)
+        shapes = jax.eval_shape(grad_fn, group_params, params, frozen, first, key, step)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
         return jax.tree.map(lambda x: x / accum_steps, total)
@@ -81,10 +83,10 @@ def make_train_step(
             key = step_key if i == 0 else jax.random.fold_in(jax.random.fold_in(step_key, 0x7FFFFFFF), i)
             g = update.group
             if accum_steps == 1:
-                (loss, aux), grads = grad_fn(params[g], params, frozen, batch, key)
+                (loss, aux), grads = grad_fn(params[g], params, frozen, batch, key, state.step)
             else:
                 (loss, aux), grads = accumulated_grads(
-                    grad_fn, params[g], params, frozen, batch, key
+                    grad_fn, params[g], params, frozen, batch, key, state.step
                 )
             change, opt_state[g] = optimizers[g].update(grads, opt_state[g], params[g])
             params[g] = optax.apply_updates(params[g], change)
