@@ -56,15 +56,19 @@ def test_each_optimizer_changes_only_its_own_network():
     # The vae update moves the vae (and its Adam state), never the discriminator ...
     assert_trees_equal(only_vae.params["disc"], state.params["disc"])
     assert_trees_equal(only_vae.opt_state["disc"], state.opt_state["disc"])
-    assert not np.allclose(host(only_vae.params["vae"])["decoder"]["conv_out"]["kernel"],
-                           host(state.params["vae"])["decoder"]["conv_out"]["kernel"])
+    assert not np.allclose(
+        host(only_vae.params["vae"])["decoder"]["conv_out"]["kernel"],
+        host(state.params["vae"])["decoder"]["conv_out"]["kernel"],
+    )
     # ... and in the two-update step the vae is exactly what its own update made of it,
     assert_trees_equal(both.params["vae"], only_vae.params["vae"])
     # while the discriminator update changes the discriminator alone.
     only_disc, _ = step_with([disc_update], only_vae._replace(step=state.step))
     assert_trees_equal(only_disc.params["vae"], only_vae.params["vae"])
-    assert not np.allclose(host(only_disc.params["disc"])["conv_in"]["kernel"],
-                           host(state.params["disc"])["conv_in"]["kernel"])
+    assert not np.allclose(
+        host(only_disc.params["disc"])["conv_in"]["kernel"],
+        host(state.params["disc"])["conv_in"]["kernel"],
+    )
 
 
 def test_no_discriminator_before_disc_start():
@@ -95,14 +99,15 @@ def test_eight_devices_equal_one(runs):
         [sharded.losses[s] for s in steps], [single.losses[s] for s in steps], rtol=2e-5
     )
     for a, b in zip(
-        jax.tree.leaves(host(sharded.state.params)), jax.tree.leaves(host(single.state.params)),
+        jax.tree.leaves(host(sharded.state.params)),
+        jax.tree.leaves(host(single.state.params)),
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_through_a_real_checkpoint_is_bitwise(runs, tmp_path):
-    cfg, root, sharded, _ = runs
+    cfg, _root, sharded, _ = runs
     half = ae_cfg(**{"train.num_steps": 3, "train.checkpoint_every": 3})
     first = loop.train(half, str(tmp_path / "resumed"))
     assert sorted(first.losses) == [0, 1, 2]
@@ -114,11 +119,9 @@ def test_resume_through_a_real_checkpoint_is_bitwise(runs, tmp_path):
 
 
 def test_eval_writes_the_reconstructions(runs):
-    cfg, root, _, _ = runs
+    _cfg, root, _, _ = runs
     workdir = str(root / "sharded")
-    metrics = methods.get("autoencoder").evaluate(
-        ae_cfg(**{"eval.classifier_steps": 100}), workdir
-    )
+    metrics = methods.get("autoencoder").evaluate(ae_cfg(**{"eval.classifier_steps": 100}), workdir)
     for key in ("psnr", "fd_reconstructions", "accuracy_reconstructions", "accuracy_originals"):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["accuracy_reconstructions"] <= 1

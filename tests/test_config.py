@@ -77,8 +77,14 @@ BAD = [
     ({"optim.b2": 1.5}, r"'optim\.b2' must be in \[0, 1\)"),
     ({"model.ch_mult": (1, 0)}, r"'model\.ch_mult' must hold positive ints"),
     ({"model.ch_mult": ()}, r"'model\.ch_mult' is empty"),
-    ({"diffusion.schedule": "linear", "diffusion.beta_end": 1.5}, r"'diffusion\.beta_start' \(0\.0001\) and 'diffusion\.beta_end'"),
-    ({"diffusion.schedule": "linear", "diffusion.beta_start": 0.1}, r"must satisfy 0 < beta_start <= beta_end < 1"),
+    (
+        {"diffusion.schedule": "linear", "diffusion.beta_end": 1.5},
+        r"'diffusion\.beta_start' \(0\.0001\) and 'diffusion\.beta_end'",
+    ),
+    (
+        {"diffusion.schedule": "linear", "diffusion.beta_start": 0.1},
+        r"must satisfy 0 < beta_start <= beta_end < 1",
+    ),
     ({"sample.label": -2}, r"'sample\.label' must be -1"),
     ({"train.mesh_fsdp": 0}, r"'train\.mesh_data'.*'train\.mesh_fsdp'"),
     # fields that contradict each other

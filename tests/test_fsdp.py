@@ -146,7 +146,9 @@ def test_the_train_state_is_sharded_over_fsdp(fsdp_run):
 
 def test_fsdp_and_single_device_training_agree(fsdp_run, single_run):
     _, _, sharded = fsdp_run
-    assert single_run.state.params["model"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.mesh.size == 1
+    assert (
+        single_run.state.params["model"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.mesh.size == 1
+    )
     steps = sorted(sharded.losses)
     assert steps == sorted(single_run.losses) == list(range(TINY_DIT["train.num_steps"]))
     np.testing.assert_allclose(

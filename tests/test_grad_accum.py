@@ -17,9 +17,9 @@ from test_train import tiny
 
 from diffusax import parallel
 from diffusax.config import ConfigError
+from diffusax.methods import Ema, GradUpdate
 from diffusax.train import loop
 from diffusax.train.optim import ema_init
-from diffusax.methods import Ema, GradUpdate
 from diffusax.train.state import TrainState
 from diffusax.train.step import make_train_step, split_micro_batches
 

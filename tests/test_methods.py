@@ -155,15 +155,15 @@ def test_a_subset_group_has_gradients_moments_and_emas_for_its_leaves_only():
     update = run.method.updates(run.cfg, run.ctx)[1]
     state, frozen = run.init_state(), run.frozen()
     batch = {"image": jnp.ones((8, 8, 8, 1)), "label": jnp.arange(8) % 10}
-    grads = jax.grad(
-        lambda g: update.loss({**state.params, "adapter": g}, frozen, batch, None)[0]
-    )(state.params["adapter"])
+    grads = jax.grad(lambda g: update.loss({**state.params, "adapter": g}, frozen, batch, None)[0])(
+        state.params["adapter"]
+    )
     assert len(jax.tree.leaves(grads)) == 2
     assert float(jnp.abs(grads["lora_b"]).sum()) > 0  # B = 0 at init: dL/dB is not zero
 
 
 def test_frozen_trees_never_change_and_are_not_donated(toy_run):
-    cfg, _, result, before = toy_run
+    _cfg, _, result, before = toy_run
     frozen = result.run.frozen()
     assert all(not x.is_deleted() for x in jax.tree.leaves(frozen))  # not donated
     after = host_leaves(frozen)
@@ -195,7 +195,7 @@ def test_frozen_trees_are_absent_from_the_checkpoint(toy_run):
 
 
 def test_later_updates_log_under_their_prefix(toy_run):
-    cfg, _, result, _ = toy_run
+    _cfg, _, result, _ = toy_run
     run = result.run
     loader = run.loader(0)
     try:
@@ -206,7 +206,7 @@ def test_later_updates_log_under_their_prefix(toy_run):
 
 
 def test_skip_keeps_every_group_optimizer_state_and_ema(toy_run):
-    cfg, _, _, _ = toy_run
+    _cfg, _, _, _ = toy_run
     run = build(toy_cfg(**{"train.nonfinite": "skip"}))
     state = run.init_state()
     before = host_leaves(state)
@@ -222,7 +222,7 @@ def test_skip_keeps_every_group_optimizer_state_and_ema(toy_run):
 
 
 def test_resume_against_other_frozen_weights_stops_naming_them(toy_run, tmp_path):
-    cfg, workdir, _, _ = toy_run
+    _cfg, workdir, _, _ = toy_run
     copy = tmp_path / "copy"
     os.system(f"cp -r {workdir} {copy}")
     on_disk = files_digest(copy / "checkpoints")

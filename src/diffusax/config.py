@@ -50,6 +50,8 @@ def _registry_choices() -> dict:
         "model.name": tuple(models.FAMILIES),
         "sample.sampler": tuple(sampling.SAMPLERS),
     }
+
+
 POSITIVE = (
     "model.ch",
     "model.num_res_blocks",

@@ -302,9 +302,7 @@ def variational_bound(
         p = p_mean_variance(
             sched, model_fn(xt, t), xt, t, prediction=prediction, var_type=var_type, clip_x0=clip_x0
         )
-        return None, vlb_term(
-            sched, p["mean"], p["logvar"], x0, xt, t, decoder=decoder, bins=bins
-        )
+        return None, vlb_term(sched, p["mean"], p["logvar"], x0, xt, t, decoder=decoder, bins=bins)
 
     _, terms = jax.lax.scan(term, None, jnp.arange(sched.num_timesteps))
     terms = terms.T  # (B, T)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusax import diffusion
-from diffusax.models.layers import drop_labels  # noqa: F401 (the losses' label dropout)
+from diffusax.models.layers import drop_labels
 from diffusax.schedules import Schedule, snr
 
 PREDICTIONS = diffusion.PREDICTIONS

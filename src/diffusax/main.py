@@ -70,11 +70,15 @@ def describe_run(cfg) -> str:
     flops = flops_of.get(main_net)
     if main_net in flops_of:
         lines += (
-            [f"forward GFLOPs: {flops / 1e9:.4f}  (per example, {main_net})",
-             f"forward GMACs: {flops / 2e9:.4f}"]
+            [
+                f"forward GFLOPs: {flops / 1e9:.4f}  (per example, {main_net})",
+                f"forward GMACs: {flops / 2e9:.4f}",
+            ]
             if flops is not None
-            else ["forward GFLOPs: unknown (XLA gave no cost analysis on this backend)",
-                  "forward GMACs: unknown"]
+            else [
+                "forward GFLOPs: unknown (XLA gave no cost analysis on this backend)",
+                "forward GMACs: unknown",
+            ]
         )
     platform = jax.devices()[0].platform
     lines.append(f"mesh: {dict(run.mesh.shape)} over {run.mesh.size} {platform} device(s)")

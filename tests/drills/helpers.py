@@ -271,9 +271,7 @@ def abstract_state(over: dict, devices, experiment=CONFIG):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
 
 
-def restore(
-    workdir, over: dict, devices=None, step=None, experiment=CONFIG
-) -> checkpoint.Restored:
+def restore(workdir, over: dict, devices=None, step=None, experiment=CONFIG) -> checkpoint.Restored:
     """A checkpoint of ``workdir`` read back onto ``devices`` (default: the first device)."""
     devices = jax.devices()[:1] if devices is None else devices
     target = abstract_state(over, devices, experiment)

@@ -33,9 +33,11 @@ class DDPM(base.Method):
 
     def updates(self, cfg, ctx):
         loss = make_loss(cfg, ctx.apply_fn("model"), make_schedule(cfg), ctx.data.num_classes)
-        return [base.GradUpdate("model", lambda params, frozen, batch, key: loss(
-            params["model"], batch, key
-        ))]
+        return [
+            base.GradUpdate(
+                "model", lambda params, frozen, batch, key: loss(params["model"], batch, key)
+            )
+        ]
 
     def sample_params(self, state, frozen):
         return state.ema["ema"]

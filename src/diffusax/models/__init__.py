@@ -1,9 +1,9 @@
 """Model families, built from a config, and the pure apply function the losses call.
 
-    model = build_model(cfg.model, image_shape=(8, 8, 1), num_classes=10,
-                        learned_variance=False, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    apply_fn = make_apply_fn(graphdef)      # apply_fn(params, x, t, y, dropout_key)
+model = build_model(cfg.model, image_shape=(8, 8, 1), num_classes=10,
+                    learned_variance=False, rngs=nnx.Rngs(0))
+graphdef, params = nnx.split(model, nnx.Param)
+apply_fn = make_apply_fn(graphdef)      # apply_fn(params, x, t, y, dropout_key)
 """
 
 from __future__ import annotations

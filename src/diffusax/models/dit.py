@@ -43,11 +43,11 @@ import numpy as np
 from flax import nnx
 
 from diffusax.models.layers import (
-    drop_labels,
     Dtype,
     check_labels,
     count_params,
     default_init,
+    drop_labels,
     embed_labels,
     timestep_embedding,
 )

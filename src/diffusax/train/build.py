@@ -26,9 +26,9 @@ import os
 import jax
 import numpy as np
 
-from diffusax import data as data_lib
 from diffusax import checkpoint, methods, parallel
 from diffusax import config as config_lib
+from diffusax import data as data_lib
 from diffusax.models import make_apply_fn
 from diffusax.train import optim
 from diffusax.train.state import (

@@ -280,8 +280,12 @@ def _write_grid(run, grid_cfg, generate, state, workdir, step):
     num_classes = run.data.num_classes
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
     images, _ = methods.generate_many(
-        generate, run.sample_params(state), cfg.train.grid_samples, grid_cfg.batch_size,
-        num_classes, key,
+        generate,
+        run.sample_params(state),
+        cfg.train.grid_samples,
+        grid_cfg.batch_size,
+        num_classes,
+        key,
     )
     if jax.process_index() != 0:
         return

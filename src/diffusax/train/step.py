@@ -80,7 +80,11 @@ def make_train_step(
         params, opt_state = dict(state.params), dict(state.opt_state)
         metrics, finite = {}, jnp.asarray(True)
         for i, (update, grad_fn) in enumerate(zip(updates, grad_fns, strict=True)):
-            key = step_key if i == 0 else jax.random.fold_in(jax.random.fold_in(step_key, 0x7FFFFFFF), i)
+            key = (
+                step_key
+                if i == 0
+                else jax.random.fold_in(jax.random.fold_in(step_key, 0x7FFFFFFF), i)
+            )
             g = update.group
             if accum_steps == 1:
                 (loss, aux), grads = grad_fn(params[g], params, frozen, batch, key, state.step)
