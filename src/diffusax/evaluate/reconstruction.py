@@ -8,8 +8,9 @@
 Reconstructions decode the posterior's mean (no sampling). PSNR is over [-1, 1] images at the
 autoencoder's resolution (peak-to-peak 2: PSNR = 10 log10(4 / MSE)). The digits classifier
 (`evaluate.classifier`, the one the diffusion runs are scored with) sees the data's own
-resolution: reconstructions made at a larger size are resized back (bilinear, antialiased)
-before it classifies them or takes their features.
+resolution: reconstructions made at a larger size are brought back by the least-squares
+inverse of the bilinear upsampling (exact for a perfect reconstruction) before it classifies
+them or takes their features.
 """
 
 from __future__ import annotations
@@ -58,12 +59,24 @@ def reconstruct_all(trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(originals), np.clip(np.concatenate(recs), -1.0, 1.0)
 
 
+def inverse_resize_matrix(small: int, large: int) -> np.ndarray:
+    """P (small, large): the least-squares inverse of the bilinear resize small -> large along
+    one axis (the pseudo-inverse of its matrix U, whose column j resizes the unit vector e_j),
+    so that P U = I: an image upsampled by ``methods.autoencoder.resize`` comes back exactly."""
+    eye = np.eye(small, dtype=np.float32)[:, :, None, None]  # (small, small, 1, 1): e_j rows
+    cols = jax.image.resize(eye, (small, large, 1, 1), "bilinear")[:, :, 0, 0]  # (small, large)
+    return np.linalg.pinv(np.asarray(cols, np.float64).T).astype(np.float32)  # (small, large)
+
+
 def to_data_size(images: np.ndarray, shape) -> np.ndarray:
-    """Images resized back to the data's (H, W) for the classifier."""
+    """Images at the autoencoder's size brought back to the data's (H, W) for the classifier,
+    by the least-squares inverse of the upsampling (``inverse_resize_matrix``)."""
     if images.shape[1:3] == tuple(shape[:2]):
         return images
-    n, c = images.shape[0], images.shape[-1]
-    return np.asarray(jax.image.resize(images, (n, *shape[:2], c), "linear", antialias=True))
+    p_h = inverse_resize_matrix(shape[0], images.shape[1])  # (h, H)
+    p_w = inverse_resize_matrix(shape[1], images.shape[2])  # (w, W)
+    out = np.einsum("ah,bw,nhwc->nabc", p_h, p_w, np.asarray(images, np.float32))
+    return np.clip(out, -1.0, 1.0)  # (N, h, w, C)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
