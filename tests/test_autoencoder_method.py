@@ -23,6 +23,13 @@ from diffusax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from diffusax.models.discriminator import NLayerDiscriminator, logits_shape
 from diffusax.models.layers import count_params
 
+
+def _rngs(seed: int) -> nnx.Rngs:
+    """Rngs on the "rbg" PRNG: threefry's per-shape initialisers take ~30 s to compile for a
+    tiny autoencoder on 2 cores, rbg's a few; the values of the weights do not matter here."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Discriminator
 
@@ -87,12 +94,14 @@ def _copy_torch_to_nnx(seq: torch.nn.Sequential, disc: NLayerDiscriminator) -> N
 )
 def test_discriminator_matches_taming(norm, n_layers, size):
     ndf, groups = 8, 4
-    norm_layer = functools.partial(torch.nn.GroupNorm, groups, eps=1e-5) if norm == "group" else None
+    norm_layer = (
+        functools.partial(torch.nn.GroupNorm, groups, eps=1e-5) if norm == "group" else None
+    )
     ref = taming_nlayer_discriminator(3, ndf, n_layers, norm_layer)
     _randomise(ref, seed=n_layers)
     ours = NLayerDiscriminator(
         in_channels=3, ndf=ndf, n_layers=n_layers, norm=norm, norm_groups=groups,
-        rngs=nnx.Rngs(0),
+        rngs=_rngs(0),
     )  # fmt: skip
     assert count_params(ours) == sum(p.numel() for p in ref.parameters())
     _copy_torch_to_nnx(ref, ours)
@@ -107,7 +116,7 @@ def test_discriminator_matches_taming(norm, n_layers, size):
 
 def test_discriminator_shapes_and_ldm_size():
     """LDM's discriminator (ndf 64, 3 layers) on 256x256: 30x30 logits, taming's 2.77M params."""
-    disc = nnx.eval_shape(lambda: NLayerDiscriminator(rngs=nnx.Rngs(0)))
+    disc = nnx.eval_shape(lambda: NLayerDiscriminator(rngs=_rngs(0)))
     assert count_params(disc) == 2_765_633  # = taming's with BatchNorm (same affine params)
     graphdef, state = nnx.split(disc)
     out = jax.eval_shape(
@@ -119,7 +128,7 @@ def test_discriminator_shapes_and_ldm_size():
 
 
 def test_discriminator_digits_output_and_init():
-    disc = NLayerDiscriminator(in_channels=1, ndf=16, n_layers=1, norm_groups=8, rngs=nnx.Rngs(0))
+    disc = NLayerDiscriminator(in_channels=1, ndf=16, n_layers=1, norm_groups=8, rngs=_rngs(0))
     out = disc(jnp.zeros((5, 8, 8, 1), jnp.bfloat16))
     assert out.shape == (5, 2, 2, 1) and out.dtype == jnp.float32
     kernels = [disc.conv_in.kernel[...], disc.block_out.conv.kernel[...]]
@@ -136,17 +145,17 @@ def test_discriminator_digits_output_and_init():
 def test_discriminator_bad_arguments():
     with pytest.raises(ValueError, match="multiples of 4 and at least 12"):
         logits_shape((8, 8), 2)
-    disc = NLayerDiscriminator(in_channels=1, ndf=8, n_layers=2, norm_groups=4, rngs=nnx.Rngs(0))
+    disc = NLayerDiscriminator(in_channels=1, ndf=8, n_layers=2, norm_groups=4, rngs=_rngs(0))
     with pytest.raises(ValueError, match="at least 12"):
         disc(jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(ValueError, match=r"NHWC \(B, H, W, 1\)"):
         disc(jnp.zeros((1, 16, 16, 3)))
     with pytest.raises(ValueError, match="norm_groups=3"):
-        NLayerDiscriminator(ndf=8, n_layers=1, norm_groups=3, rngs=nnx.Rngs(0))
+        NLayerDiscriminator(ndf=8, n_layers=1, norm_groups=3, rngs=_rngs(0))
     with pytest.raises(ValueError, match="norm must be one of"):
-        NLayerDiscriminator(norm="batch", rngs=nnx.Rngs(0))
+        NLayerDiscriminator(norm="batch", rngs=_rngs(0))
     with pytest.raises(ValueError, match="n_layers must be a positive int"):
-        NLayerDiscriminator(n_layers=0, rngs=nnx.Rngs(0))
+        NLayerDiscriminator(n_layers=0, rngs=_rngs(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,17 +214,25 @@ def test_leaf_helpers():
 # The adaptive weight, on a tiny autoencoder and discriminator
 
 
+def _init(build):
+    """(graphdef, pure-dict params) of the module ``build()``."""
+    graphdef, params = nnx.split(build(), nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
 @functools.cache
 def _tiny_models():
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-        latent_channels=2, norm_num_groups=4, sample_size=8, mid_block_add_attention=False,
-        rngs=nnx.Rngs(0),
+    vg, vp = _init(
+        lambda: AutoencoderKL(
+            in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+            latent_channels=2, norm_num_groups=4, sample_size=8, mid_block_add_attention=False,
+            rngs=_rngs(0),
+        )
     )  # fmt: skip
-    disc = NLayerDiscriminator(in_channels=1, ndf=4, n_layers=1, norm_groups=2, rngs=nnx.Rngs(1))
-    vg, vs = nnx.split(vae, nnx.Param)
-    dg, ds = nnx.split(disc, nnx.Param)
-    return vg, nnx.to_pure_dict(vs), dg, nnx.to_pure_dict(ds)
+    dg, dp = _init(
+        lambda: NLayerDiscriminator(in_channels=1, ndf=4, n_layers=1, norm_groups=2, rngs=_rngs(1))
+    )
+    return vg, vp, dg, dp
 
 
 def test_last_layer_path_is_the_decoders_conv_out():
@@ -223,14 +240,14 @@ def test_last_layer_path_is_the_decoders_conv_out():
     vae = nnx.merge(vg, vp)
     kernel = L.get_leaf(vp, L.DECODER_LAST_LAYER)
     assert kernel.shape == (3, 3, 4, 1)  # 3x3, the decoder's last width -> 1 image channel
-    np.testing.assert_array_equal(kernel, vae.decoder.conv_out.kernel[...])
+    assert vae.decoder.conv_out.kernel[...] is kernel
 
 
 def test_adaptive_weight_is_the_gradient_norm_ratio():
     """λ = ‖∇_W L_rec‖ / (‖∇_W L_gen‖ + 1e-4) with W decoder.conv_out's kernel, by hand."""
     vg, vp, dg, dp = _tiny_models()
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
-    z = nnx.merge(vg, vp).encode(x).sample(jax.random.key(0))
+    z = jax.jit(lambda p: nnx.merge(vg, p).encode(x).sample(jax.random.key(0, impl="rbg")))(vp)
 
     def decode(p):
         return nnx.merge(vg, p).decode(z)
@@ -241,13 +258,6 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     def gen_of_params(p):
         return L.generator_loss(nnx.merge(dg, dp)(decode(p)))
 
-    # By hand: the gradient over every parameter, then its decoder.conv_out.kernel leaf.
-    g_rec = jax.grad(rec_of_params)(vp)["decoder"]["conv_out"]["kernel"]
-    g_gen = jax.grad(gen_of_params)(vp)["decoder"]["conv_out"]["kernel"]
-    expected = np.sqrt(np.sum(np.square(g_rec))) / (np.sqrt(np.sum(np.square(g_gen))) + 1e-4)
-    assert 0 < expected < 1e4
-
-    @jax.jit
     def weight(vp):
         sg = jax.lax.stop_gradient(vp)
         kernel = L.get_leaf(sg, L.DECODER_LAST_LAYER)
@@ -256,16 +266,21 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
             lambda k: rec_of_params(with_kernel(k)), lambda k: gen_of_params(with_kernel(k)), kernel
         )
 
-    lam = weight(vp)
+    @jax.jit  # one compilation for everything (op-by-op dispatch is slow on 2 cores)
+    def run(vp):
+        # By hand: the gradient over every parameter, then its decoder.conv_out.kernel leaf.
+        g_rec = jax.grad(rec_of_params)(vp)["decoder"]["conv_out"]["kernel"]
+        g_gen = jax.grad(gen_of_params)(vp)["decoder"]["conv_out"]["kernel"]
+        # No gradient flows through λ, even when it multiplies a loss of the same parameters.
+        through = jax.grad(lambda p: weight(p) * jax.lax.stop_gradient(gen_of_params(p)))(vp)
+        return g_rec, g_gen, weight(vp), through
+
+    g_rec, g_gen, lam, through = run(vp)
+    expected = np.sqrt(np.sum(np.square(g_rec))) / (np.sqrt(np.sum(np.square(g_gen))) + 1e-4)
+    assert 0 < expected < 1e4
     assert lam.shape == () and lam.dtype == jnp.float32
     np.testing.assert_allclose(lam, expected, rtol=1e-5)
-
-    # No gradient flows through λ, even when it multiplies a loss of the same parameters.
-    def weighted(vp):
-        return weight(vp) * jax.lax.stop_gradient(gen_of_params(vp))
-
-    grads = jax.grad(weighted)(vp)
-    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(through))
 
 
 def test_adaptive_weight_clip_and_eps():
@@ -284,9 +299,9 @@ def test_adaptive_weight_clip_and_eps():
 
 
 def test_perceptual_loss_with_the_digits_classifier_features():
-    clf = FeatureClassifier((8, 8, 1), 10, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(clf, nnx.Param)
+    graphdef, params = _init(lambda: FeatureClassifier((8, 8, 1), 10, rngs=_rngs(0)))
 
+    @jax.jit
     def features(x):
         return nnx.merge(graphdef, params).features(x)
 
@@ -306,5 +321,6 @@ def test_perceptual_loss_with_the_digits_classifier_features():
         L.perceptual_loss(lambda v: 7.0 * features(v), x, x_rec), got, rtol=1e-5
     )
     # The gradient reaches the reconstruction, not the original.
-    g_x, g_rec = jax.grad(lambda a, b: L.perceptual_loss(features, a, b), argnums=(0, 1))(x, x_rec)
+    grad = jax.jit(jax.grad(lambda a, b: L.perceptual_loss(features, a, b), argnums=(0, 1)))
+    g_x, g_rec = grad(x, x_rec)
     assert float(jnp.abs(g_x).max()) == 0.0 and float(jnp.abs(g_rec).max()) > 0.0
