@@ -78,7 +78,9 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = os.path.join(tmp, "before")
-        subprocess.run(["git", "worktree", "add", "--detach", old, args.before], cwd=ROOT, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", old, args.before], cwd=ROOT, check=True
+        )
         try:
             devices = record(old, os.path.join(tmp, "a.npz"), os.path.join(tmp, "wa"), args.steps)
             record(ROOT, os.path.join(tmp, "b.npz"), os.path.join(tmp, "wb"), args.steps)
@@ -86,14 +88,13 @@ def main():
             subprocess.run(["git", "worktree", "remove", "--force", old], cwd=ROOT, check=False)
         a, b = np.load(os.path.join(tmp, "a.npz")), np.load(os.path.join(tmp, "b.npz"))
         same_names = sorted(a.files) == sorted(b.files)
-        differing = [
-            k for k in a.files if k not in b.files or a[k].tobytes() != b[k].tobytes()
-        ]
+        differing = [k for k in a.files if k not in b.files or a[k].tobytes() != b[k].tobytes()]
         result = {
             "before": args.before,
             "after": subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip() + " + working tree",
+            ).stdout.strip()
+            + " + working tree",
             "steps": args.steps,
             "devices": devices,
             "arrays_compared": len(a.files),
