@@ -8,12 +8,12 @@
 
 What it measures, in one process and one run (see benchmarks/README.md):
 
-- train steps/s at batch 128 of the bundled digits: our jitted train step, built as
-  `diffusax.train.loop.train` builds it (split over one JAX CPU device per core, as
-  `python -m diffusax.main` does by default), against a PyTorch step on diffusers'
+- train steps/s at batch 128 of the bundled digits: the jitted train step of the run that
+  `diffusax.train.build.build` makes of the experiment, as the train loop runs it (split over
+  one JAX CPU device per core, as `python -m diffusax.main` does by default), against a PyTorch step on diffusers'
   `UNet2DModel` with the same architecture, loss, optimizer, clipping and EMA;
 - samples/s of 1000-step DDPM ancestral sampling at batch 100, classifier-free guidance off:
-  our `methods.make_generate` (one jitted `lax.scan`) against a loop of 1000 `UNet2DModel` calls
+  the method's sampler, `methods.make_generate` (one jitted `lax.scan`), against a loop of 1000 `UNet2DModel` calls
   under `torch.inference_mode` stepped by diffusers' `DDPMScheduler`;
 - one network forward at the sampling batch for both (a diagnostic: sampling minus forwards is
   the per-step overhead of the sampler).
@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,28 +39,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, also on a machine with a GPU
 
-import diffusers  # noqa: E402
-import flax  # noqa: E402
+import harness  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from diffusax import config as config_lib  # noqa: E402
-from diffusax import data, methods, models, parallel  # noqa: E402
+from diffusax import methods, parallel  # noqa: E402
 from diffusax.convert.diffusers_unet import load_unet_params  # noqa: E402
-from diffusax.train import loop, optim  # noqa: E402
-from diffusax.train.state import (  # noqa: E402
-    abstract_train_state,
-    create_train_state,
-    model_graphdef,
-    split_params,
-)
-from diffusax.train.step import make_train_step  # noqa: E402
+from diffusax.train.build import build  # noqa: E402
+from diffusax.train.state import split_params  # noqa: E402
 
 EXPERIMENT = "ddpm_digits"
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
@@ -72,17 +61,7 @@ TARGETS = {"train": 1.0, "sample": 2.0}  # required speed ratio diffusax / diffu
 # Repeat counts: (timed train repeats, train steps per repeat, sample repeats, sampling steps).
 FULL = dict(train_repeats=11, train_steps=10, sample_repeats=3, sample_steps=1000)
 QUICK = dict(train_repeats=2, train_steps=3, sample_repeats=1, sample_steps=20)
-# Environment variables that change threading; recorded with the results.
-THREAD_ENV = (
-    "XLA_FLAGS",
-    "OMP_NUM_THREADS",
-    "OMP_WAIT_POLICY",
-    "GOMP_SPINCOUNT",
-    "MKL_NUM_THREADS",
-)
 SAMPLE_BATCH = 100
-# A phase counts as quiet when other processes used under this share of the cores meanwhile.
-QUIET_SHARE = 0.1
 WARMUP_STEPS = 3
 FORWARD_CALLS = 10  # forwards per timed repeat of the forward diagnostic
 
@@ -95,6 +74,11 @@ def parse_args(argv=None):
         default=None,
         help="directory for digits_cpu.json and RESULTS.md (default: benchmarks/results for a "
         "full run; a --quick run writes nothing unless --out is given)",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="recorded as digits_cpu[_Ndev]_TAG.json, so that an earlier run's JSON is kept",
     )
     p.add_argument(
         "--torch-threads",
@@ -125,168 +109,24 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine, load and timing
-
-
-def cpu_info() -> dict:
-    """Model name, family/model numbers and the vector extensions, from /proc/cpuinfo."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip() and fields:
-                    break  # the first processor is enough
-    except OSError:
-        pass
-    flags = fields.get("flags", "").split()
-    return {
-        "name": fields.get("model name") or platform.processor() or "unknown",
-        "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
-        "vector_isa": [
-            f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-        ],
-    }
-
-
-class LoadLog:
-    """os.getloadavg() at named points, to state how busy the machine was."""
-
-    def __init__(self):
-        self.points = []
-
-    def mark(self, phase: str):
-        one, five, fifteen = os.getloadavg()
-        self.points.append({"phase": phase, "load_1m": one, "load_5m": five, "load_15m": fifteen})
-
-    def summary(self) -> dict:
-        ones = [p["load_1m"] for p in self.points]
-        return {"max_load_1m": max(ones), "median_load_1m": statistics.median(ones)}
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds used by every process, CPU seconds used by this one), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-                int, f.readline().split()[1:9]
-            )
-    except (OSError, ValueError):
-        return None
-    own = os.times()
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return busy, own.user + own.system
-
-
-def timed(fn) -> tuple[float, float | None]:
-    """(wall seconds of fn(), share of the cores other processes used meanwhile, in [0, 1]).
-
-    The share is (CPU time of all processes - ours) / (wall time x cores), from /proc/stat:
-    0 on a quiet machine; it measures contention directly, where the load average (a 1-minute
-    mean that counts our own threads too) only hints at it.
-    """
-    before = cpu_seconds()
-    t0 = time.perf_counter()
-    fn()
-    wall = time.perf_counter() - t0
-    after = cpu_seconds()
-    if before is None or after is None:
-        return wall, None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return wall, min(max(others / (wall * len(os.sched_getaffinity(0))), 0.0), 1.0)
-
-
-def elapsed(fn) -> float:
-    return timed(fn)[0]
-
-
-def interleaved(runs: dict, repeats: int, lead_in: dict | None = None) -> dict[str, list[tuple]]:
-    """Time each of ``runs`` (name -> fn) ``repeats`` times, alternating the order (ABBA...).
-
-    ``lead_in`` (name -> fn) runs untimed right before each timed repeat of that name: a train
-    step, so that every timed step follows a step of its own framework, as in a training run.
-    Without it the first step after the other framework's repeat pays for memory that the host
-    reclaimed meanwhile: on the development VM a DiT-S/2 step after a 7 s pause took 3.9-4.8 s
-    instead of 2.2-2.6 s (freed pages come back through fresh page faults), which made the
-    repeats that follow the other framework ~30% slower than the rest.
-
-    Returns name -> [(seconds, others' CPU share), ...] (see ``timed``).
-    """
-    names = list(runs)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            if lead_in:
-                lead_in[name]()
-            times[name].append(timed(runs[name]))
-    return times
-
-
-def rate_summary(repeats: list[tuple], items: int) -> dict:
-    seconds = [s for s, _ in repeats]
-    others = [o for _, o in repeats if o is not None]
-    rates = [items / s for s in seconds]
-    return {
-        "per_s_median": statistics.median(rates),
-        "per_s_repeats": rates,
-        "seconds_repeats": seconds,
-        "items_per_repeat": items,
-        "others_cpu_share_repeats": others,
-        "others_cpu_share_median": statistics.median(others) if others else None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # diffusax: the train step and the sampler exactly as the train loop builds them
 
 
 class Ours:
+    """The run `diffusax.train.build.build` makes of the experiment, as the train loop runs it:
+    mesh, state born in its shardings, the jitted donated step, the method's sampler."""
+
     def __init__(self, cfg, sample_cfg, num_devices: int = 1):
-        devices = jax.devices()[:num_devices]
-        if len(devices) != num_devices:
-            raise ValueError(f"asked for {num_devices} JAX devices, {len(jax.devices())} exist")
-        mesh, source, build, num_classes = loop.setup(cfg, devices=devices)
-        self.cfg, self.mesh, self.source, self.num_classes = cfg, mesh, source, num_classes
-        self.build = build
-        self.image_shape = tuple(source.info.image_shape)
-        sched = methods.make_schedule(cfg)
-        optimizer = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-        key = jax.random.key(cfg.seed)
-        abstract = abstract_train_state(build, optimizer, key)
-        repl = parallel.replicated(mesh)
-        self.shardings = jax.tree.map(lambda _: repl, abstract)
-        self.state = create_train_state(build, optimizer, key, self.shardings)
-        self.graphdef = model_graphdef(build, key)
-        self.apply_fn = models.make_apply_fn(self.graphdef)
-        loss_fn = methods.make_loss(cfg, self.apply_fn, sched, num_classes)
-        step_fn = make_train_step(
-            loss_fn,
-            optimizer,
-            ema_decay=cfg.optim.ema_decay,
-            seed=cfg.seed,
-            skip_nonfinite=cfg.train.nonfinite == "skip",
-        )
-        self.train_step = jax.jit(
-            step_fn,
-            in_shardings=(self.shardings, parallel.batch_sharding(mesh)),
-            out_shardings=(self.shardings, None),
-            donate_argnums=0,
-        )
-        self.generate = methods.make_generate(
-            cfg,
-            self.apply_fn,
-            sched,
-            num_classes,
-            self.image_shape,
-            sample_cfg=sample_cfg,
-            mesh=mesh,
-        )
-        batch = parallel.batch_sharding(mesh)
+        self.run = run = build(cfg, devices=harness.jax_devices(num_devices))
+        self.cfg, self.mesh, self.source = cfg, run.mesh, run.source
+        self.num_classes, self.image_shape = run.data.num_classes, tuple(run.data.image_shape)
+        self.state = run.init_state()
+        self.train_step = run.train_step
+        self.generate = run.method.make_sampler(run, sample_cfg)
+        apply_fn = run.ctx.apply_fn("model")
+        repl, batch = parallel.replicated(run.mesh), parallel.batch_sharding(run.mesh)
         self.forward = jax.jit(
-            lambda p, x, t, y: self.apply_fn(p, x, t, y),
+            lambda p, x, t, y: apply_fn(p, x, t, y),
             in_shardings=(repl, batch, batch, batch),
             out_shardings=batch,
         )
@@ -295,29 +135,32 @@ class Ours:
         self.steps_run = 0
 
     def load_batches(self, count: int):
-        loader = data.Loader(self.source, self.mesh, self.cfg.train.batch_size, self.cfg.seed)
+        loader = self.run.loader(0)
         self.batches = [loader.batch(i) for i in range(count)]  # sharded jax.Arrays
         return [{k: np.asarray(v) for k, v in b.items()} for b in self.batches]
 
     def compile_train(self) -> float:
-        t0 = time.perf_counter()
-        self.train_step = self.train_step.lower(self.state, self.batches[0]).compile()
-        return time.perf_counter() - t0
+        self.train_step, seconds = harness.compile_step(self.run, self.state, self.batches[0])
+        return seconds
 
     def compile_generate(self, labels, key) -> float:
         t0 = time.perf_counter()
-        self.generate = self.generate.lower(self.state.ema.params, labels, key).compile()
+        self.generate = self.generate.lower(self.ema_params(), labels, key).compile()
         return time.perf_counter() - t0
 
+    def ema_params(self):
+        return self.run.sample_params(self.state)
+
     def train(self, steps: int):
+        frozen = self.run.frozen()
         for _ in range(steps):
             batch = self.batches[self.steps_run % len(self.batches)]
-            self.state, self.metrics = self.train_step(self.state, batch)
+            self.state, self.metrics = self.train_step(self.state, frozen, batch)
             self.steps_run += 1
         jax.block_until_ready((self.state, self.metrics))
 
     def sample(self, labels, key):
-        return jax.block_until_ready(self.generate(self.state.ema.params, labels, key))
+        return jax.block_until_ready(self.generate(self.ema_params(), labels, key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +319,7 @@ class Theirs:
 
 def check_parity(ours: Ours, theirs: Theirs, x_nhwc, t, labels) -> dict:
     """Load the diffusers weights into our U-Net and compare one forward; raise if they differ."""
-    model = nnx.eval_shape(lambda: ours.build(jax.random.key(0)))
+    model = nnx.eval_shape(lambda: ours.run.networks["model"].build(jax.random.key(0)))
     state_dict = {k: v.detach().numpy() for k, v in theirs.model.state_dict().items()}
     load_unet_params(model, state_dict)  # raises unless every tensor maps onto a parameter
     _, params = split_params(model)
@@ -510,16 +353,9 @@ def check_parity(ours: Ours, theirs: Theirs, x_nhwc, t, labels) -> dict:
 def run(args) -> dict:
     counts = QUICK if args.quick else FULL
     torch.set_num_threads(args.torch_threads)
-    load = LoadLog()
+    load = harness.LoadLog()
     load.mark("start")
-    cores = len(os.sched_getaffinity(0))
-    if load.points[0]["load_1m"] > max(1.0, cores - 0.5):
-        print(
-            f"warning: the 1-minute load average is {load.points[0]['load_1m']:.1f} on {cores} "
-            "cores; other processes will distort the numbers. On a shared machine PyTorch's "
-            "spinning OpenMP threads slow down most (OMP_WAIT_POLICY=PASSIVE limits that).",
-            flush=True,
-        )
+    harness.warn_if_busy(load)
     t_start = time.perf_counter()
 
     cfg = config_lib.load_experiment(EXPERIMENT)
@@ -564,19 +400,19 @@ def run(args) -> dict:
     compile_s["train_step"] = ours.compile_train()
     print(f"compiled the train step in {compile_s['train_step']:.1f} s", flush=True)
     warmup = {
-        "diffusax_s": elapsed(lambda: ours.train(WARMUP_STEPS)),
-        "diffusers_s": elapsed(lambda: theirs.train(WARMUP_STEPS)),
+        "diffusax_s": harness.elapsed(lambda: ours.train(WARMUP_STEPS)),
+        "diffusers_s": harness.elapsed(lambda: theirs.train(WARMUP_STEPS)),
         "steps": WARMUP_STEPS,
     }
     load.mark("train warmup")
     n = counts["train_steps"]
-    times = interleaved(
+    times = harness.interleaved(
         {"diffusax": lambda: ours.train(n), "diffusers": lambda: theirs.train(n)},
         counts["train_repeats"],
         lead_in={"diffusax": lambda: ours.train(1), "diffusers": lambda: theirs.train(1)},
     )
     load.mark("train")
-    train = {name: rate_summary(s, n) for name, s in times.items()}
+    train = {name: harness.rate_summary(s, n) for name, s in times.items()}
     train["diffusax"]["last_loss"] = float(ours.metrics["loss"])
     train["diffusers"]["last_loss"] = float(theirs.loss.item())
     train["ratio"] = train["diffusax"]["per_s_median"] / train["diffusers"]["per_s_median"]
@@ -588,14 +424,14 @@ def run(args) -> dict:
     )
 
     # --- one forward at the sampling batch (diagnostic)
-    params = ours.state.ema.params
+    params = ours.ema_params()
     fwd_ours = lambda: [ours.forward(params, x_fwd, t_fwd, y_fwd) for _ in range(FORWARD_CALLS)][
         -1
     ].block_until_ready()
     fwd_theirs = lambda: [theirs.forward(x_fwd_t, t_fwd_t, y_fwd_t) for _ in range(FORWARD_CALLS)]
     fwd_ours(), fwd_theirs()  # warm up at these weights
-    times = interleaved({"diffusax": fwd_ours, "diffusers": fwd_theirs}, 3)
-    forward = {name: rate_summary(s, FORWARD_CALLS) for name, s in times.items()}
+    times = harness.interleaved({"diffusax": fwd_ours, "diffusers": fwd_theirs}, 3)
+    forward = {name: harness.rate_summary(s, FORWARD_CALLS) for name, s in times.items()}
     for name in forward:
         forward[name]["ms_per_forward_median"] = 1e3 / forward[name]["per_s_median"]
     forward["batch"] = args.sample_batch
@@ -609,8 +445,10 @@ def run(args) -> dict:
         flush=True,
     )
     first = {
-        "diffusax_s": elapsed(lambda: ours.sample(labels_jax, key)),
-        "diffusers_s": elapsed(lambda: theirs.sample(labels_torch, sample_shape_nchw, cfg.seed)),
+        "diffusax_s": harness.elapsed(lambda: ours.sample(labels_jax, key)),
+        "diffusers_s": harness.elapsed(
+            lambda: theirs.sample(labels_torch, sample_shape_nchw, cfg.seed)
+        ),
     }
     load.mark("sample warmup")
     outputs = {}
@@ -621,11 +459,11 @@ def run(args) -> dict:
     def sample_theirs():
         outputs["diffusers"] = theirs.sample(labels_torch, sample_shape_nchw, cfg.seed).numpy()
 
-    times = interleaved(
+    times = harness.interleaved(
         {"diffusax": sample_ours, "diffusers": sample_theirs}, counts["sample_repeats"]
     )
     load.mark("sample")
-    sample = {name: rate_summary(s, args.sample_batch) for name, s in times.items()}
+    sample = {name: harness.rate_summary(s, args.sample_batch) for name, s in times.items()}
     for name, out in outputs.items():
         if not np.all(np.isfinite(out)):
             raise RuntimeError(f"{name} sampling produced non-finite values")
@@ -643,48 +481,21 @@ def run(args) -> dict:
     )
 
     # Median share of the cores that other processes used while each phase was timed.
-    contention = {}
-    for phase, summary in (("train", train), ("forward", forward), ("sample", sample)):
-        shares = [
-            x
-            for name in ("diffusax", "diffusers")
-            for x in summary[name]["others_cpu_share_repeats"]
-        ]
-        contention[phase] = statistics.median(shares) if shares else None
+    phases = {"train": train, "forward": forward, "sample": sample}
+    contention = {p: harness.median_share(s["diffusax"], s["diffusers"]) for p, s in phases.items()}
 
     return {
         "benchmark": f"{EXPERIMENT}: diffusax vs diffusers UNet2DModel, CPU",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": harness.utc_now(),
         "quick": args.quick,
         "wall_s": time.perf_counter() - t_start,
-        "machine": {
-            "cpu": cpu_info(),
-            "cpu_count": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-        },
+        "machine": harness.cpu_machine(),
+        "versions": harness.versions("jax", "flax", "optax", "torch", "diffusers"),
         "threads": {
-            "torch": torch.get_num_threads(),
-            "torch_interop": torch.get_num_interop_threads(),
-            "jax": "XLA:CPU default (its intra-op pool spans the usable cores)",
-            "jax_cpu_devices": args.cpu_devices,
-            "env": {k: os.environ.get(k, "") for k in THREAD_ENV},
+            **harness.cpu_threads(args.cpu_devices),
             "jax_devices": [str(d) for d in jax.devices()],
         },
-        "load": {
-            "points": load.points,
-            **load.summary(),
-            "others_cpu_share": contention,
-            "quiet": all(v is not None and v < QUIET_SHARE for v in contention.values()),
-        },
+        "load": load.record(contention),
         "setup": {
             "experiment": EXPERIMENT,
             "train_batch": cfg.train.batch_size,
@@ -697,13 +508,14 @@ def run(args) -> dict:
                 "LambdaLR warmup-cosine schedule, EMA by torch._foreach_lerp_"
             ),
             "diffusax_train_step": (
-                "diffusax.train.step.make_train_step jitted as train.loop does (shardings on a "
-                f"{args.cpu_devices}-device mesh, donated state), AOT-compiled"
+                "diffusax.train.build.build(cfg).train_step, the step train.loop runs (the "
+                f"method's updates, shardings on a {args.cpu_devices}-device mesh, donated "
+                "state), AOT-compiled"
             ),
             "sampler": "DDPM ancestral, fixed_large variance, x0 clipped to [-1, 1], no guidance",
             "diffusax_sampler": (
-                "diffusax.methods.make_generate (jitted lax.scan over all steps), batch split "
-                "over the mesh"
+                "the method's make_sampler: diffusax.methods.make_generate (jitted lax.scan "
+                "over all steps), batch split over the mesh"
             ),
             "diffusers_sampler": (
                 "Python loop: UNet2DModel forward + DDPMScheduler.step per step, "
@@ -753,7 +565,7 @@ def results_row(r: dict) -> str:
         str(r["machine"]["usable_cores"]),
         str(r["threads"]["torch"]),
         str(r["threads"]["jax_cpu_devices"]),
-        f"{_percent(ld['others_cpu_share']['train'])} / {_percent(ld['others_cpu_share']['sample'])}",
+        " / ".join(harness.percent(ld["others_cpu_share"][p]) for p in ("train", "sample")),
         "yes" if ld["quiet"] else "**no**",
         f"{tr['diffusax']['per_s_median']:.2f}",
         f"{tr['diffusers']['per_s_median']:.2f}",
@@ -766,35 +578,14 @@ def results_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |\n"
 
 
-def _percent(share) -> str:
-    return "?" if share is None else f"{100 * share:.0f}%"
-
-
-def save_results(result: dict, out_dir: str, json_name: str, md_name: str, header: str, rows: str):
-    """``result`` as ``json_name`` (replaced atomically) and ``rows`` appended to ``md_name``
-    (created with ``header``), both in ``out_dir``; returns the two paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, json_name)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, json_path)
-    md_path = os.path.join(out_dir, md_name)
-    new = not os.path.exists(md_path)
-    with open(md_path, "a") as f:
-        if new:
-            f.write(header)
-        f.write(rows)
-    return json_path, md_path
-
-
-def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """digits_cpu.json (digits_cpu_Ndev.json with N JAX devices), replaced atomically, and one
-    appended row of RESULTS.md."""
+def write_results(result: dict, out_dir: str, tag: str = "") -> tuple[str, str]:
+    """digits_cpu.json (digits_cpu_Ndev.json with N JAX devices; _TAG before .json with a tag),
+    replaced atomically, and one appended row of RESULTS.md."""
     devices = result["threads"]["jax_cpu_devices"]
-    name = "digits_cpu.json" if devices == 1 else f"digits_cpu_{devices}dev.json"
-    return save_results(result, out_dir, name, "RESULTS.md", RESULTS_HEADER, results_row(result))
+    name = "digits_cpu" if devices == 1 else f"digits_cpu_{devices}dev"
+    name += f"_{tag}.json" if tag else ".json"
+    row = results_row(result)
+    return harness.save_results(result, out_dir, name, "RESULTS.md", RESULTS_HEADER, row)
 
 
 def print_summary(r: dict) -> None:
@@ -809,8 +600,8 @@ def print_summary(r: dict) -> None:
     )
     shares = ld["others_cpu_share"]
     print(
-        f"other processes used {_percent(shares['train'])} (train), "
-        f"{_percent(shares['sample'])} (sampling) of the cores; load 1m median "
+        f"other processes used {harness.percent(shares['train'])} (train), "
+        f"{harness.percent(shares['sample'])} (sampling) of the cores; load 1m median "
         f"{ld['median_load_1m']:.1f} max {ld['max_load_1m']:.1f}"
     )
     print(f"{'':28s}{'diffusax':>12s}{'diffusers':>12s}{'ratio':>8s}{'target':>8s}")
@@ -837,11 +628,7 @@ def print_summary(r: dict) -> None:
         f"compile: train step {r['compile_s']['train_step']:.1f} s, sampler "
         f"{r['compile_s']['generate']:.1f} s; whole run {r['wall_s']:.0f} s"
     )
-    if not ld["quiet"]:
-        print(
-            "WARNING: other processes were using the cores while this ran; the numbers (above "
-            "all PyTorch's) are distorted. Rerun on a quiet machine."
-        )
+    harness.warn_if_not_quiet(ld["quiet"])
 
 
 def main(argv=None) -> int:
@@ -853,7 +640,7 @@ def main(argv=None) -> int:
     print_summary(result)
     out = args.out or (None if args.quick else RESULTS_DIR)
     if out:
-        for path in write_results(result, out):
+        for path in write_results(result, out, args.tag):
             print(f"wrote {os.path.relpath(path, ROOT)}")
     return 0
 

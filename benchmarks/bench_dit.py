@@ -9,22 +9,24 @@
 For each variant (256x256 images = 32x32x4 latents, 1000 classes, learned sigma) it measures,
 in one process and one run (see benchmarks/README.md):
 
-- train images/s of one full step at the same batch: our `diffusax.models.dit.DiT` trained by
-  `diffusax.train.step.make_train_step` (jitted with donation, compiled ahead of time) against
-  diffusers' `DiTTransformer2DModel` trained in PyTorch eager mode. Both steps: draw t and ε,
-  form x_t, 10% null labels, forward, MSE on ε (the first 4 of the 8 output channels), backward,
-  AdamW (lr 1e-4, no weight decay), EMA 0.9999: the DiT recipe with the hybrid loss's small
-  variance term left out;
+- train images/s of one full step at the same batch: the run `diffusax.train.build.build`
+  makes of `experiments/dit_xl2.py` resized to the variant (our `diffusax.models.dit.DiT`, the
+  train loop's jitted, donated step, compiled ahead of time) against diffusers'
+  `DiTTransformer2DModel` trained in PyTorch eager mode. Both steps: draw t and ε, form x_t,
+  10% null labels, forward, MSE on ε (the first 4 of the 8 output channels), backward, AdamW
+  (lr 1e-4, no weight decay), EMA 0.9999: the DiT recipe with the hybrid loss's small variance
+  term left out (`diffusion.vlb_weight=0`);
 - the ratio diffusax / diffusers of those rates (target: >= 1);
 - peak memory of each framework's training, each in its own subprocess (so that neither
   framework's libraries nor caches count against the other): the growth of the resident set
   (the kernel's high-water mark, what ru_maxrss reports) over the process's size before the
   model was built, and, for JAX, the compiled step's `memory_analysis()`.
 
-The two models are the same function: diffusers' random initialisation (its per-block copies of
-the timestep/label embedder made equal first, see DESIGN.md) is converted with
-`diffusax.convert.diffusers_dit.load_dit_params` and one forward pass must agree before anything
-is timed. Timed repeats of the two frameworks alternate (A B B A ...) and the median is
+The two models are the same function: diffusers' random initialisation is converted with
+`diffusax.convert.diffusers_dit.load_dit_params` into the run's train state, and one forward
+pass must agree before anything is timed. diffusers' DiT keeps one copy of the timestep/label
+embedder per block, where the reference DiT (and ours) has one shared embedder; the public
+checkpoints hold equal copies, so the random model's copies are made equal to block 0's first. Timed repeats of the two frameworks alternate (A B B A ...) and the median is
 reported; JAX compilation and warm-up steps are timed separately and excluded.
 """
 
@@ -32,19 +34,21 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import importlib
 import json
+import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+import harness  # the standard library only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+EXPERIMENT = os.path.join(ROOT, "experiments", "dit_xl2.py")  # the DiT recipe, resized below
 os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, also on a machine with a GPU
 
 # Frameworks are imported inside functions: a memory subprocess must load only its own.
@@ -57,7 +61,8 @@ BATCH = 8
 NUM_BATCHES = 4  # prepared before timing and cycled by both frameworks
 SEED = 0
 # The DiT recipe (Peebles & Xie 2023, section 5): AdamW, lr 1e-4, no weight decay, EMA 0.9999,
-# linear β from 1e-4 to 0.02 over 1000 steps, 10% null labels for classifier-free guidance.
+# linear β from 1e-4 to 0.02 over 1000 steps, 10% null labels for classifier-free guidance. The
+# PyTorch side uses these; ours comes from EXPERIMENT, checked to hold the same (`recipe_check`).
 LEARNING_RATE = 1e-4
 EMA_DECAY = 0.9999
 BETAS = (1e-4, 0.02)
@@ -87,6 +92,11 @@ def parse_args(argv=None):
         default=list(VARIANTS),
         help=f"DiT variants to compare (default: {' '.join(VARIANTS)}); any key of "
         "diffusax.models.dit.VARIANTS works, e.g. S/8 for a fast check",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="recorded as dit_cpu[_Ndev]_TAG.json, so that an earlier run's JSON is kept",
     )
     p.add_argument("--batch", type=int, default=BATCH, help=f"train batch (default {BATCH})")
     p.add_argument(
@@ -208,9 +218,12 @@ def reset_peak_rss() -> bool:
 
 
 def equalise_embedder_copies(model) -> None:
-    """Set every block's timestep/label embedder copy to block 0's (see DESIGN.md).
+    """Set every block's timestep/label embedder copy to block 0's.
 
-    diffusers' DiT gives each block its own embedder; the reference model (and our DiT) has one.
+    diffusers' DiTTransformer2DModel gives each block its own copy of the timestep/label
+    embedder; the reference DiT (and ours) has one, shared by all blocks. The public DiT
+    checkpoints converted to diffusers hold equal copies, so equal copies are the model both
+    implement; a random diffusers model draws them independently.
     """
     import torch
 
@@ -314,14 +327,128 @@ class TorchTrainer:
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusax: the DiT and the project's train step
+# diffusax: the run `build` makes of the DiT experiment
+
+# The DDPM method with its DiT in diffusers' numerical conventions (timestep frequencies shifted
+# by 1, the pre-MLP layer norm's epsilon from diffusers' norm_eps), so that the converted
+# diffusers model is the same function; the parameters, their shapes and the cost are the
+# config's DiT's. Registered on first use (`register_method`).
+METHOD = "ddpm_bench_diffusers_dit"
+CONVENTIONS = ("mlp_ratio", "freq_shift", "norm_eps", "mlp_norm_eps")
+
+
+def register_method(conventions: dict) -> None:
+    """Register METHOD (once) for DiTs built with these diffusers `conventions`."""
+    from diffusax import methods
+    from diffusax.methods.ddpm import DDPM
+
+    existing = methods.registered(METHOD)
+    if existing is not None:
+        if existing.conventions != conventions:
+            raise ValueError(
+                f"{METHOD} is registered for {existing.conventions}, not {conventions}"
+            )
+        return
+
+    class DiffusersConventionDDPM(DDPM):
+        name = METHOD
+
+        def __init__(self):
+            self.conventions = dict(conventions)
+
+        def networks(self, cfg, data):
+            from flax import nnx
+
+            from diffusax import diffusion, models
+            from diffusax.models.dit import DiT
+
+            m, (size, _, channels) = cfg.model, data.image_shape
+
+            def build(key):
+                return DiT(
+                    variant=m.variant,
+                    depth=m.depth or None,
+                    hidden=m.hidden_size or None,
+                    heads=m.heads or None,
+                    input_size=size,
+                    in_channels=channels,
+                    num_classes=data.num_classes,
+                    learn_sigma=cfg.diffusion.var_type in diffusion.LEARNED_VAR_TYPES,
+                    class_dropout_prob=0.0,  # labels are dropped in the loss, as build_model does
+                    fused_attention=m.fused_attention,
+                    scan_blocks=m.scan_blocks,
+                    remat=m.remat,
+                    dtype=models.DTYPES[m.dtype],
+                    rngs=nnx.Rngs(params=key),
+                    **self.conventions,
+                )
+
+            return {"model": methods.Network(build=build)}
+
+    methods.register(DiffusersConventionDDPM())
+
+
+def experiment_config(config: dict, batch: int, scan_blocks: bool = True):
+    """`experiments/dit_xl2.py` resized to the diffusers DiT `config`, data-less, float32.
+
+    The sizes become model.variant (its patch) with explicit model.depth / hidden_size / heads,
+    the latents data.image_shape / data.num_classes (no data is read: the batches are random);
+    diffusion.vlb_weight=0 trains ε alone, as the PyTorch step.
+    """
+    from diffusax import config as config_lib
+    from diffusax.convert.diffusers_dit import dit_kwargs_from_diffusers
+
+    kw = dit_kwargs_from_diffusers(config)  # raises for a config our DiT cannot represent
+    register_method({k: kw[k] for k in CONVENTIONS})
+    size, channels = kw["input_size"], kw["in_channels"]
+    cfg = config_lib.load_experiment(
+        EXPERIMENT,
+        overrides={
+            "method": METHOD,
+            "model.variant": f"S/{kw['patch']}",  # the patch size; the other sizes follow
+            "model.depth": kw["depth"],
+            "model.hidden_size": kw["hidden"],
+            "model.heads": kw["heads"],
+            "model.scan_blocks": scan_blocks,
+            "model.dtype": "float32",
+            "model.fused_attention": False,
+            "data.image_shape": (size, size, channels),
+            "data.num_classes": kw["num_classes"],
+            "diffusion.var_type": "learned_range" if kw["learn_sigma"] else "fixed_large",
+            "diffusion.vlb_weight": 0.0,
+            "train.batch_size": batch,
+        },
+    )
+    recipe_check(cfg)
+    return cfg
+
+
+def recipe_check(cfg) -> None:
+    """The experiment trains with the recipe the PyTorch step is written with."""
+    d, o = cfg.diffusion, cfg.optim
+    ours = (
+        (o.name, o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.ema_decay),
+        (o.warmup_steps, o.schedule),
+        (d.schedule, d.num_timesteps, d.beta_start, d.beta_end, d.prediction),
+        (d.label_drop_prob, d.min_snr_gamma),
+    )
+    theirs = (
+        ("adamw", LEARNING_RATE, 0.9, 0.999, 1e-8, 0.0, 0.0, EMA_DECAY),
+        (0, "constant"),
+        ("linear", NUM_TIMESTEPS, *BETAS, "eps"),
+        (LABEL_DROP_PROB, 0.0),
+    )
+    if ours != theirs:
+        raise ValueError(f"{EXPERIMENT} no longer holds the benchmark's recipe: {ours} != {theirs}")
 
 
 class JaxTrainer:
-    """Our DiT, trained by `make_train_step` jitted with donated state on a data-parallel mesh.
+    """Our DiT: the run `diffusax.train.build.build` makes of `experiment_config(config)`, its
+    state born in its shardings on a data-parallel mesh, its jitted donated step AOT-compiled.
 
-    With `state_dict` (a diffusers DiT's tensors) the weights are converted from it; without,
-    the model is initialised randomly (the memory subprocess, which must not import torch).
+    With `state_dict` (a diffusers DiT's tensors) the parameters (and the EMA) are converted from
+    it; without, they are the run's initialisation (the memory subprocess, which must not
+    import torch).
     """
 
     def __init__(
@@ -332,117 +459,56 @@ class JaxTrainer:
         state_dict=None,
         num_devices: int = 1,
         scan_blocks: bool = True,
-        seed: int = SEED,
     ):
         import jax
-        import jax.numpy as jnp
-        import optax
         from flax import nnx
 
-        from diffusax import losses, models, parallel, schedules
-        from diffusax.convert.diffusers_dit import dit_kwargs_from_diffusers, load_dit_params
-        from diffusax.models.dit import DiT
-        from diffusax.train.optim import ema_init
-        from diffusax.train.state import TrainState, split_params
-        from diffusax.train.step import make_train_step
+        from diffusax import parallel
+        from diffusax.convert.diffusers_dit import load_dit_params
+        from diffusax.train.build import build
+        from diffusax.train.state import init_state, split_params
 
         self.jax = jax
-        devices = jax.devices()[:num_devices]
-        if len(devices) != num_devices:
-            raise ValueError(f"asked for {num_devices} JAX devices, {len(jax.devices())} exist")
-        kwargs = dict(
-            dit_kwargs_from_diffusers(config),
-            class_dropout_prob=0.0,  # labels are dropped in the loss, as build_model does
-            scan_blocks=scan_blocks,
-        )
+        cfg = experiment_config(config, len(batches[0]["image"]), scan_blocks)
+        devices = harness.jax_devices(num_devices)
+        self.run = run = build(cfg, devices=devices, require_data=False)
         if state_dict is None:
-            model = DiT(**kwargs, rngs=nnx.Rngs(params=seed))
+            self.state = run.init_state()
         else:
-            model = nnx.eval_shape(lambda: DiT(**kwargs, rngs=nnx.Rngs(params=seed)))
+            model = nnx.eval_shape(lambda: run.networks["model"].build(run.init_key))
             load_dit_params(model, state_dict)  # raises unless every tensor maps
-        self.num_params = models.count_params(model)
-        self.graphdef, params = split_params(model)
-        del model
-        self.apply_fn = models.make_apply_fn(self.graphdef)
-
-        def eps_apply(p, x, t, y, key):  # the ε half of the learned-sigma output
-            return self.apply_fn(p, x, t, y, key)[..., :LATENT_CHANNELS]
-
-        sched = schedules.schedule_from_config(
-            "linear", NUM_TIMESTEPS, beta_start=BETAS[0], beta_end=BETAS[1]
-        )
-        loss_fn = losses.make_diffusion_loss(
-            eps_apply,
-            sched,
-            prediction="eps",
-            var_type="fixed_large",  # not a learned variance: MSE on ε only
-            label_drop_prob=LABEL_DROP_PROB,
-            null_label=NUM_CLASSES,
-        )
-        optimizer = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-        step_fn = make_train_step(
-            loss_fn, optimizer, ema_decay=EMA_DECAY, seed=seed, skip_nonfinite=False
-        )
-        self.mesh = parallel.make_mesh(devices=devices)
-        repl, batch_sharding = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        params = jax.device_put(params, repl)
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            ema=ema_init(params),
-            bad_steps=jnp.zeros((), jnp.int32),
-        )
-        self.state_shardings = jax.tree.map(lambda _: repl, state)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.step_fn = jax.jit(
-            step_fn,
-            in_shardings=(self.state_shardings, batch_sharding),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=0,
-        )
-        self.forward_fn = jax.jit(lambda p, x, t, y: self.apply_fn(p, x, t, y))
-        self.batches = [jax.device_put(b, batch_sharding) for b in batches]
+            params = {"model": split_params(model)[1]}
+            del model
+            born = lambda p: init_state(p, run.optimizers, run.emas)  # EMA = the parameters
+            self.state = jax.jit(born, out_shardings=run.shardings)(params)
+        self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
+        apply_fn = run.ctx.apply_fn("model")
+        self.forward_fn = jax.jit(lambda p, x, t, y: apply_fn(p, x, t, y))
+        self.batches = [jax.device_put(b, parallel.batch_sharding(run.mesh)) for b in batches]
         self.compiled = None
         self.metrics = None
         self.steps_run = 0
 
     def compile(self) -> float:
-        t0 = time.perf_counter()
-        self.compiled = self.step_fn.lower(self.state, self.batches[0]).compile()
-        return time.perf_counter() - t0
+        self.compiled, seconds = harness.compile_step(self.run, self.state, self.batches[0])
+        return seconds
 
     def memory_analysis(self) -> dict | None:
         """The compiled step's buffers (XLA's memory_analysis), MB; None where unsupported."""
-        try:
-            m = self.compiled.memory_analysis()
-        except (AttributeError, NotImplementedError, RuntimeError):
-            return None
-        if m is None:
-            return None
-        mb = lambda name: getattr(m, name, 0) / 2**20
-        out = {
-            "argument_mb": mb("argument_size_in_bytes"),
-            "output_mb": mb("output_size_in_bytes"),
-            "alias_mb": mb("alias_size_in_bytes"),
-            "temp_mb": mb("temp_size_in_bytes"),
-            "generated_code_mb": mb("generated_code_size_in_bytes"),
-        }
-        # Donated outputs reuse their argument's buffer, so aliases count once.
-        out["live_mb"] = out["argument_mb"] + out["output_mb"] - out["alias_mb"] + out["temp_mb"]
-        return out
+        return harness.memory_analysis(self.compiled, "mb")
 
     def train(self, steps: int):
+        frozen = self.run.frozen()
         for _ in range(steps):
             batch = self.batches[self.steps_run % len(self.batches)]
-            self.state, self.metrics = self.compiled(self.state, batch)
+            self.state, self.metrics = self.compiled(self.state, frozen, batch)
             self.steps_run += 1
         self.jax.block_until_ready((self.state, self.metrics))
 
     def forward(self, x_nhwc, t, labels):
         import numpy as np
 
-        return np.asarray(self.forward_fn(self.state.params, x_nhwc, t, labels))
+        return np.asarray(self.forward_fn(self.state.params["model"], x_nhwc, t, labels))
 
     def last_loss(self) -> float:
         return float(self.metrics["loss"])
@@ -485,7 +551,7 @@ def check_parity(ours: JaxTrainer, theirs: TorchTrainer, depth: int) -> dict:
     }
 
 
-def compare_variant(variant: str, args, counts, warmup: int, helpers) -> dict:
+def compare_variant(variant: str, args, counts, warmup: int) -> dict:
     """Parity, compile, warm-up and interleaved timing of one variant."""
     config = diffusers_config(variant)
     batches = make_batches(args.batch, NUM_BATCHES, SEED)
@@ -509,17 +575,17 @@ def compare_variant(variant: str, args, counts, warmup: int, helpers) -> dict:
     compile_s = ours.compile()
     print(f"{variant}: compiled the train step in {compile_s:.1f} s", flush=True)
     warm = {
-        "diffusax_s": helpers.elapsed(lambda: ours.train(warmup)),
-        "diffusers_s": helpers.elapsed(lambda: theirs.train(warmup)),
+        "diffusax_s": harness.elapsed(lambda: ours.train(warmup)),
+        "diffusers_s": harness.elapsed(lambda: theirs.train(warmup)),
         "steps": warmup,
     }
     repeats, steps = counts
-    times = helpers.interleaved(
+    times = harness.interleaved(
         {"diffusax": lambda: ours.train(steps), "diffusers": lambda: theirs.train(steps)},
         repeats,
         lead_in={"diffusax": lambda: ours.train(1), "diffusers": lambda: theirs.train(1)},
     )
-    train = {name: helpers.rate_summary(s, steps * args.batch) for name, s in times.items()}
+    train = {name: harness.rate_summary(s, steps * args.batch) for name, s in times.items()}
     for name, trainer in (("diffusax", ours), ("diffusers", theirs)):
         train[name]["last_loss"] = trainer.last_loss()
         train[name]["ms_per_step_median"] = (
@@ -528,9 +594,6 @@ def compare_variant(variant: str, args, counts, warmup: int, helpers) -> dict:
         if not train[name]["last_loss"] == train[name]["last_loss"]:  # NaN
             raise RuntimeError(f"{variant}: {name} training produced a NaN loss")
     ratio = train["diffusax"]["per_s_median"] / train["diffusers"]["per_s_median"]
-    shares = [
-        x for name in ("diffusax", "diffusers") for x in train[name]["others_cpu_share_repeats"]
-    ]
     result = {
         "variant": variant,
         "diffusers_config": config,
@@ -543,7 +606,7 @@ def compare_variant(variant: str, args, counts, warmup: int, helpers) -> dict:
         "images_per_s": train,
         "ratio": ratio,
         "target_met": ratio >= TARGET_RATIO,
-        "others_cpu_share_median": statistics.median(shares) if shares else None,
+        "others_cpu_share_median": harness.median_share(train["diffusax"], train["diffusers"]),
         "diffusers_optimizer": theirs.optimizer_name,
         "jax_memory_analysis": ours.memory_analysis(),
         "state_mb": {
@@ -570,9 +633,10 @@ def import_framework(framework: str) -> None:
             "jax",
             "flax.nnx",
             "optax",
+            "diffusax.config",
             "diffusax.convert.diffusers_dit",
-            "diffusax.losses",
-            "diffusax.train.step",
+            "diffusax.methods",
+            "diffusax.train.build",
         ),
         "diffusers": ("torch", "diffusers"),
     }[framework]
@@ -652,43 +716,17 @@ def measure_memory(variant: str, args, framework: str) -> dict:
 # The run
 
 
-def _helpers():
-    """bench_digits: the timing, load, machine and results helpers of the first benchmark
-    (imported late: the memory subprocesses must load only their own framework)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_digits
-
-    return bench_digits
-
-
 def run(args) -> dict:
-    import diffusers
-    import flax
-    import jax
-    import optax
-    import torch
-
-    helpers = _helpers()
-
     mode = "quick" if args.quick else "full"
     counts = QUICK if args.quick else FULL
-    load = helpers.LoadLog()
+    load = harness.LoadLog()
     load.mark("start")
-    cores = len(os.sched_getaffinity(0))
-    if load.points[0]["load_1m"] > max(1.0, cores - 0.5):
-        print(
-            f"warning: the 1-minute load average is {load.points[0]['load_1m']:.1f} on {cores} "
-            "cores; other processes will distort the numbers. On a shared machine PyTorch's "
-            "spinning OpenMP threads slow down most (OMP_WAIT_POLICY=PASSIVE limits that).",
-            flush=True,
-        )
+    harness.warn_if_busy(load)
     t_start = time.perf_counter()
     variants = {}
     for variant in args.variants:
         variant_counts = counts.get(variant, counts["S/2"])
-        variants[variant] = compare_variant(
-            variant, args, variant_counts, WARMUP_STEPS[mode], helpers
-        )
+        variants[variant] = compare_variant(variant, args, variant_counts, WARMUP_STEPS[mode])
         gc.collect()
         load.mark(variant)
     if not args.no_memory:
@@ -699,43 +737,20 @@ def run(args) -> dict:
             m = variants[variant]["memory"]
             print(
                 f"{variant}: peak memory growth during steps: diffusax "
-                f"{_mb(m['diffusax']['step_peak_growth_mb'])}, diffusers "
-                f"{_mb(m['diffusers']['step_peak_growth_mb'])}",
+                f"{harness.mb(m['diffusax']['step_peak_growth_mb'])}, diffusers "
+                f"{harness.mb(m['diffusers']['step_peak_growth_mb'])}",
                 flush=True,
             )
-    shares = [v["others_cpu_share_median"] for v in variants.values()]
+    shares = {name: v["others_cpu_share_median"] for name, v in variants.items()}
     return {
         "benchmark": "DiT training: diffusax vs diffusers DiTTransformer2DModel, CPU",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": harness.utc_now(),
         "quick": args.quick,
         "wall_s": time.perf_counter() - t_start,
-        "machine": {
-            "cpu": helpers.cpu_info(),
-            "cpu_count": os.cpu_count(),
-            "usable_cores": cores,
-            "platform": platform.platform(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-        },
-        "threads": {
-            "torch": torch.get_num_threads(),
-            "torch_interop": torch.get_num_interop_threads(),
-            "jax": "XLA:CPU default (its intra-op pool spans the usable cores)",
-            "jax_cpu_devices": args.cpu_devices,
-            "env": {k: os.environ.get(k, "") for k in helpers.THREAD_ENV},
-        },
-        "load": {
-            "points": load.points,
-            **load.summary(),
-            "others_cpu_share": dict(zip(variants, shares)),
-            "quiet": all(s is not None and s < helpers.QUIET_SHARE for s in shares),
-        },
+        "machine": harness.cpu_machine(),
+        "versions": harness.versions("jax", "flax", "optax", "torch", "diffusers"),
+        "threads": harness.cpu_threads(args.cpu_devices),
+        "load": load.record(shares),
         "setup": {
             "batch": args.batch,
             "latents": [LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS],
@@ -744,12 +759,16 @@ def run(args) -> dict:
             "data": f"{NUM_BATCHES} batches of N(0, 1) latents and random labels, prepared "
             "before timing and cycled by both",
             "loss": "MSE between ε and the first 4 output channels (the learned-sigma half is "
-            "output but not trained); t ~ U{0..999}, linear β 1e-4..0.02, 10% null labels",
+            "output but not trained; diffusax: diffusion.vlb_weight=0, its L_vlb only a "
+            "metric); t ~ U{0..999}, linear β 1e-4..0.02, 10% null labels",
+            "experiment": "experiments/dit_xl2.py resized to the variant, float32, no data "
+            "(build(cfg, require_data=False)); DiT in diffusers' conventions (method "
+            f"{METHOD})",
             "optimizer": f"AdamW lr {LEARNING_RATE}, betas (0.9, 0.999), eps 1e-8, no weight "
             f"decay; EMA {EMA_DECAY}; no gradient clipping",
-            "diffusax_train_step": "diffusax.train.step.make_train_step (+ grad norm metric), "
-            "jax.jit with replicated state on a data-parallel mesh, donate_argnums=0, "
-            "AOT-compiled",
+            "diffusax_train_step": "diffusax.train.build.build(cfg).train_step, the train "
+            "loop's step (+ grad norm metric): jax.jit with the state in its shardings "
+            "(replicated) on a data-parallel mesh, donate_argnums=0, AOT-compiled",
             "diffusers_train_step": "eager PyTorch: DDPMScheduler.add_noise, model.train(), "
             "F.mse_loss, backward, AdamW.step, EMA by torch._foreach_lerp_",
             "warmup_steps": WARMUP_STEPS[mode],
@@ -781,14 +800,6 @@ cores that other processes used while the repeats were timed: a run is quiet (ye
 """
 
 
-def _mb(value) -> str:
-    return "?" if value is None else f"{value:.0f} MB"
-
-
-def _percent(share) -> str:
-    return "?" if share is None else f"{100 * share:.0f}%"
-
-
 def results_rows(r: dict) -> str:
     rows = []
     for variant, v in r["variants"].items():
@@ -802,27 +813,27 @@ def results_rows(r: dict) -> str:
             str(r["threads"]["jax_cpu_devices"]),
             variant,
             str(r["setup"]["batch"]),
-            _percent(v["others_cpu_share_median"]),
+            harness.percent(v["others_cpu_share_median"]),
             "yes" if r["load"]["quiet"] else "**no**",
             f"{v['images_per_s']['diffusax']['per_s_median']:.2f}",
             f"{v['images_per_s']['diffusers']['per_s_median']:.2f}",
             f"**{v['ratio']:.2f}**",
-            _mb(peak("diffusax")).removesuffix(" MB"),
-            _mb(peak("diffusers")).removesuffix(" MB"),
+            harness.mb(peak("diffusax")).removesuffix(" MB"),
+            harness.mb(peak("diffusers")).removesuffix(" MB"),
             f"{v['compile_s']:.0f}",
         ]
         rows.append("| " + " | ".join(cells) + " |\n")
     return "".join(rows)
 
 
-def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """dit_cpu.json (dit_cpu_Ndev.json with N JAX devices), replaced atomically, and one
-    appended row per variant in RESULTS_DIT.md."""
+def write_results(result: dict, out_dir: str, tag: str = "") -> tuple[str, str]:
+    """dit_cpu.json (dit_cpu_Ndev.json with N JAX devices; _TAG before .json with a tag),
+    replaced atomically, and one appended row per variant in RESULTS_DIT.md."""
     devices = result["threads"]["jax_cpu_devices"]
-    name = "dit_cpu.json" if devices == 1 else f"dit_cpu_{devices}dev.json"
-    return _helpers().save_results(
-        result, out_dir, name, "RESULTS_DIT.md", RESULTS_HEADER, results_rows(result)
-    )
+    name = "dit_cpu" if devices == 1 else f"dit_cpu_{devices}dev"
+    name += f"_{tag}.json" if tag else ".json"
+    rows = results_rows(result)
+    return harness.save_results(result, out_dir, name, "RESULTS_DIT.md", RESULTS_HEADER, rows)
 
 
 def print_summary(r: dict) -> None:
@@ -841,7 +852,7 @@ def print_summary(r: dict) -> None:
         print(
             f"{'DiT-' + variant + ' images/s':24s}{ips['diffusax']['per_s_median']:12.2f}"
             f"{ips['diffusers']['per_s_median']:12.2f}{v['ratio']:8.2f}"
-            f"{'>= ' + format(TARGET_RATIO, 'g'):>8s}{_percent(v['others_cpu_share_median']):>12s}"
+            f"{'>= ' + format(TARGET_RATIO, 'g'):>8s}{harness.percent(v['others_cpu_share_median']):>12s}"
         )
         print(
             f"{'  ms / step':24s}{ips['diffusax']['ms_per_step_median']:12.0f}"
@@ -854,8 +865,8 @@ def print_summary(r: dict) -> None:
                 ("setup_peak_growth_mb", "  peak MB, set-up"),
             ):
                 print(
-                    f"{label:24s}{_mb(mem['diffusax'][key]).removesuffix(' MB'):>12s}"
-                    f"{_mb(mem['diffusers'][key]).removesuffix(' MB'):>12s}"
+                    f"{label:24s}{harness.mb(mem['diffusax'][key]).removesuffix(' MB'):>12s}"
+                    f"{harness.mb(mem['diffusers'][key]).removesuffix(' MB'):>12s}"
                 )
         analysis = v["jax_memory_analysis"]
         if analysis:
@@ -865,11 +876,7 @@ def print_summary(r: dict) -> None:
                 f"compile {v['compile_s']:.1f} s"
             )
     print(f"whole run {r['wall_s']:.0f} s")
-    if not r["load"]["quiet"]:
-        print(
-            "WARNING: other processes were using the cores while this ran; the numbers (above "
-            "all PyTorch's) are distorted. Rerun on a quiet machine."
-        )
+    harness.warn_if_not_quiet(r["load"]["quiet"])
 
 
 def main(argv=None) -> int:
@@ -886,7 +893,7 @@ def main(argv=None) -> int:
     print_summary(result)
     out = args.out or (None if args.quick else RESULTS_DIR)
     if out:
-        for path in write_results(result, out):
+        for path in write_results(result, out, args.tag):
             print(f"wrote {os.path.relpath(path, ROOT)}")
     return 0
 

@@ -13,12 +13,13 @@ What it measures (see benchmarks/README.md):
 
 1. The chip's bf16 matmul peak: square `jnp.dot`s of bf16 matrices with float32 accumulation
    (and, as a second form, bf16 output), several sizes; the best TFLOP/s is the peak.
-2. One train step of our DiT (default XL/2: 32x32x4 latents, 1000 classes, learned sigma) with
-   bf16 compute and float32 parameters, blocks unrolled (`--scan`: one `lax.scan`), cuDNN flash
-   attention: the hybrid loss (MSE on ε + L_vlb in bits/dim, 10% null labels), AdamW (lr 1e-4,
-   no weight decay) and the EMA, as the DiT paper trains, built by
-   `diffusax.train.step.make_train_step` and jitted with donated state on a data-parallel mesh
-   over every local device. When the per-device batch is larger than `--micro-batch`, the step
+2. One train step of `experiments/dit_xl2.py` (default XL/2: 32x32x4 latents, 1000 classes,
+   learned sigma) with bf16 compute and float32 parameters, blocks unrolled (`--scan`: one
+   `lax.scan`), cuDNN flash attention: the hybrid loss (MSE on ε + L_vlb in bits/dim, 10% null
+   labels), AdamW (lr 1e-4, no weight decay) and the EMA, as the DiT paper trains. The run is
+   the one `diffusax.train.build.build` makes of that config (without its data: only the shapes
+   it declares), the train loop's step jitted with donated state on a data-parallel mesh over
+   every local device. When the per-device batch is larger than `--micro-batch`, the step
    accumulates gradients over micro-batches (`train.grad_accum_steps`: one `lax.scan`) before
    its one AdamW update: the same optimizer step with less memory.
 3. images/s (median over timed repeats, compilation and warm-up excluded) and
@@ -38,7 +39,6 @@ input pipeline is not measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
@@ -52,15 +52,15 @@ import time
 # A benchmark owns the GPU: let XLA's allocator take 90% of it instead of its default 75%.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
+import harness  # the standard library only: no torch on the GPU machine
 import jax
 import jax.numpy as jnp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
-
-LATENT_SIZE, LATENT_CHANNELS, NUM_CLASSES = 32, 4, 1000  # 256x256 images, ImageNet labels
-# The recipe of experiments/dit_xl2.py (DiT's: its loss is ADM's mse + vb, vb in bits/dim).
-LEARNING_RATE, EMA_DECAY, LABEL_DROP_PROB, VLB_WEIGHT = 1e-4, 0.9999, 0.1, 1.0
+# The model, loss, optimizer and EMA (DiT's recipe: its loss is ADM's mse + vb, vb in bits/dim)
+# and the data's shapes (32x32x4 latents of 256x256 images, 1000 ImageNet labels).
+EXPERIMENT = os.path.join(ROOT, "experiments", "dit_xl2.py")
 NUM_BATCHES = 2  # distinct synthetic batches, cycled
 TARGET_MFU = 0.5
 
@@ -149,6 +149,11 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="the chip's dense bf16 spec peak, TFLOP/s (default: from the device name)",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="recorded as dit_gpu_<chip>_TAG.json, so that an earlier run's JSON is kept",
     )
     p.add_argument(
         "--out",
@@ -265,68 +270,51 @@ def micro_batch_candidates(per_device: int, requested: int, remat: bool) -> list
     return out
 
 
+def experiment_config(args, *, fused_attention: bool, accum: int = 1):
+    """`experiments/dit_xl2.py` with this run's variant, batch, precision and block layout, and
+    `accum` micro-batches per device (`train.grad_accum_steps`); its data is not read (the
+    batches are synthetic), only its declared shapes (32x32x4 latents, 1000 classes)."""
+    from diffusax import config as config_lib
+
+    return config_lib.load_experiment(
+        EXPERIMENT,
+        overrides={
+            "model.variant": args.variant,
+            "model.depth": args.depth or 0,  # 0: the variant's
+            "model.scan_blocks": args.scan,
+            "model.remat": args.remat,
+            "model.fused_attention": fused_attention,
+            "model.dtype": "float32" if args.float32 else "bfloat16",
+            "train.batch_size": args.batch,
+            "train.grad_accum_steps": accum,
+        },
+    )
+
+
 class Trainer:
-    """The DiT, its train state born replicated on the mesh, and the compiled step."""
+    """The run `diffusax.train.build.build` makes of the experiment: its train state born
+    replicated on the data-parallel mesh over ``devices``, and its step compiled."""
 
-    def __init__(self, args, mesh, *, fused_attention: bool):
-        import optax
-        from flax import nnx
+    def __init__(self, args, devices, *, fused_attention: bool):
+        from diffusax import parallel
 
-        from diffusax import losses, parallel, schedules
-        from diffusax.models import make_apply_fn
-        from diffusax.models.dit import DiT
-        from diffusax.train.state import (
-            abstract_train_state,
-            create_train_state,
-            model_graphdef,
-        )
-
-        parallel.check_global_batch(mesh, args.batch)
-        self.mesh = mesh
-        self.per_device = args.batch // mesh.size
+        self.args, self.devices = args, list(devices)
+        self.per_device = args.batch // len(self.devices)
         # cuDNN attention is used only on GPU (`dit._attention_implementation`).
         self.fused_attention = fused_attention and jax.default_backend() == "gpu"
-        dtype = None if args.float32 else jnp.bfloat16
-
-        def build(key):
-            return DiT(
-                variant=args.variant,
-                depth=args.depth,
-                input_size=LATENT_SIZE,
-                in_channels=LATENT_CHANNELS,
-                num_classes=NUM_CLASSES,
-                learn_sigma=True,
-                class_dropout_prob=0.0,  # labels are dropped in the loss, as build_model does
-                fused_attention=fused_attention,
-                scan_blocks=args.scan,
-                remat=args.remat,
-                dtype=dtype,
-                rngs=nnx.Rngs(params=key),
-            )
-
-        key = jax.random.key(0)
-        self.optimizer = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-        self.repl = parallel.replicated(mesh)
-        abstract = abstract_train_state(build, self.optimizer, key)
-        self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
-        self.shardings = jax.tree.map(lambda _: self.repl, abstract)
+        self._fused = fused_attention
+        first = micro_batch_candidates(self.per_device, args.micro_batch, args.remat)[0]
+        self.run = self._build(accumulation_steps(self.per_device, first))
+        self.mesh = self.run.mesh
+        self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.run.abstract.params))
         t0 = time.perf_counter()
-        self.state = jax.block_until_ready(
-            create_train_state(build, self.optimizer, key, self.shardings)
-        )
+        self.state = jax.block_until_ready(self.run.init_state())
         self.init_s = time.perf_counter() - t0
-        apply_fn = make_apply_fn(model_graphdef(build, key))
-        sched = schedules.schedule_from_config("linear", 1000, beta_start=1e-4, beta_end=0.02)
-        self.loss_fn = losses.hybrid_loss(
-            apply_fn,
-            sched,
-            vlb_weight=VLB_WEIGHT,
-            label_drop_prob=LABEL_DROP_PROB,
-            null_label=NUM_CLASSES,
-        )
-        self.batch_sharding = parallel.batch_sharding(mesh)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        shape, classes = self.run.data.image_shape, self.run.data.num_classes
         self.batches = [
-            self._synthetic_batch(i, args.batch, self.batch_sharding) for i in range(NUM_BATCHES)
+            self._synthetic_batch(i, (args.batch, *shape), classes, self.batch_sharding)
+            for i in range(NUM_BATCHES)
         ]
         self.step = None
         self.micro_batch = self.accum = None
@@ -335,30 +323,21 @@ class Trainer:
         self.metrics = None
         self.steps_run = 0
 
-    def compile(self, micro_batch: int) -> dict | None:
-        """Compile the step for this micro-batch; returns its memory analysis (or None)."""
-        from diffusax.train.step import make_train_step
+    def _build(self, accum: int):
+        from diffusax.train.build import build
 
+        cfg = experiment_config(self.args, fused_attention=self._fused, accum=accum)
+        return build(cfg, devices=self.devices, require_data=False)
+
+    def compile(self, micro_batch: int) -> dict | None:
+        """Compile the step for this micro-batch; returns its memory analysis (or None).
+
+        Another micro-batch is another run (`train.grad_accum_steps`) of the same state."""
         accum = accumulation_steps(self.per_device, micro_batch)
-        step = make_train_step(
-            self.loss_fn,
-            self.optimizer,
-            ema_decay=EMA_DECAY,
-            seed=0,
-            skip_nonfinite=False,
-            accum_steps=accum,
-            mesh=self.mesh,
-        )
-        jitted = jax.jit(
-            step,
-            in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=(self.shardings, self.repl),
-            donate_argnums=0,
-        )
+        if accum != self.run.cfg.train.grad_accum_steps:
+            self.run = self._build(accum)
         self.step = None  # free the previous executable first
-        t0 = time.perf_counter()
-        self.step = jitted.lower(self.state, self.batches[0]).compile()
-        seconds = time.perf_counter() - t0
+        self.step, seconds = harness.compile_step(self.run, self.state, self.batches[0])
         self.compile_s += seconds
         self.micro_batch, self.accum = micro_batch, accum
         analysis = self.memory_analysis()
@@ -366,43 +345,28 @@ class Trainer:
         return analysis
 
     @staticmethod
-    def _synthetic_batch(index: int, batch: int, sharding) -> dict:
+    def _synthetic_batch(index: int, shape: tuple, classes: int, sharding) -> dict:
         """Unit-variance latents (B, 32, 32, 4) and labels (B,), generated sharded."""
 
         def make(key):
             k_image, k_label = jax.random.split(key)
-            shape = (batch, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS)
             return {
                 "image": jax.random.normal(k_image, shape, jnp.float32),
-                "label": jax.random.randint(k_label, (batch,), 0, NUM_CLASSES, jnp.int32),
+                "label": jax.random.randint(k_label, shape[:1], 0, classes, jnp.int32),
             }
 
         return jax.jit(make, out_shardings=sharding)(jax.random.key(1000 + index))
 
     def train(self, steps: int):
+        frozen = self.run.frozen()
         for _ in range(steps):
             batch = self.batches[self.steps_run % len(self.batches)]
-            self.state, self.metrics = self.step(self.state, batch)
+            self.state, self.metrics = self.step(self.state, frozen, batch)
             self.steps_run += 1
         jax.block_until_ready((self.state, self.metrics))
 
     def memory_analysis(self) -> dict | None:
-        try:
-            m = self.step.memory_analysis()
-        except (AttributeError, NotImplementedError, RuntimeError):
-            return None
-        if m is None:
-            return None
-        gb = lambda name: getattr(m, name, 0) / 2**30
-        out = {
-            "argument_gb": gb("argument_size_in_bytes"),
-            "output_gb": gb("output_size_in_bytes"),
-            "alias_gb": gb("alias_size_in_bytes"),
-            "temp_gb": gb("temp_size_in_bytes"),
-        }
-        # Donated outputs reuse their argument's buffer, so aliases count once.
-        out["live_gb"] = out["argument_gb"] + out["output_gb"] - out["alias_gb"] + out["temp_gb"]
-        return out
+        return harness.memory_analysis(self.step, "gb")
 
 
 class DoesNotFit(RuntimeError):
@@ -435,7 +399,7 @@ def compile_to_fit(trainer: Trainer, args, limit_gb: float | None) -> dict | Non
     )
 
 
-def build_trainer(args, mesh, limit_gb) -> tuple[Trainer, dict | None, str | None]:
+def build_trainer(args, devices, limit_gb) -> tuple[Trainer, dict | None, str | None]:
     """(trainer compiled to fit, its memory analysis, the error that forced XLA attention).
 
     Any failure to build or compile with cuDNN attention is retried once with XLA's attention
@@ -445,7 +409,7 @@ def build_trainer(args, mesh, limit_gb) -> tuple[Trainer, dict | None, str | Non
     if fused:
         trainer = None
         try:
-            trainer = Trainer(args, mesh, fused_attention=True)
+            trainer = Trainer(args, devices, fused_attention=True)
             return trainer, compile_to_fit(trainer, args, limit_gb), None
         except DoesNotFit:
             raise
@@ -454,11 +418,11 @@ def build_trainer(args, mesh, limit_gb) -> tuple[Trainer, dict | None, str | Non
         trainer = None  # free its train state before building the next
         gc.collect()
         print(f"warning: with cuDNN attention: {error[:300]}; retrying with XLA attention")
-    trainer = Trainer(args, mesh, fused_attention=False)
+    trainer = Trainer(args, devices, fused_attention=False)
     return trainer, compile_to_fit(trainer, args, limit_gb), error
 
 
-def xla_forward_flops(variant: str, depth: int | None) -> float | None:
+def xla_forward_flops(variant: str, depth: int | None, shape, classes) -> float | None:
     """XLA's count of one forward's FLOPs (unrolled float32 model, lowered, not compiled)."""
     from flax import nnx
 
@@ -470,8 +434,7 @@ def xla_forward_flops(variant: str, depth: int | None) -> float | None:
             lambda: DiT(variant=variant, depth=depth, scan_blocks=False, rngs=nnx.Rngs(0))
         )  # a while loop would be counted once, so the blocks are unrolled here
         graphdef = nnx.split(abstract)[0]
-        shape = (LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS)
-        return models.forward_flops(graphdef, abstract, shape, NUM_CLASSES)
+        return models.forward_flops(graphdef, abstract, tuple(shape), classes)
     except Exception:  # a diagnostic only
         return None
 
@@ -494,15 +457,6 @@ def device_memory_limit_gb(device) -> float | None:
     except (AttributeError, NotImplementedError, RuntimeError):
         return None
     return stats["bytes_limit"] / 2**30 if "bytes_limit" in stats else None
-
-
-def jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,9 +551,7 @@ def profile_steps(trainer, log_dir: str, steps: int) -> dict | None:
 
 
 def run(args) -> dict:
-    import flax
-
-    from diffusax import parallel
+    from diffusax.diffusion import LEARNED_VAR_TYPES
     from diffusax.models.dit import dit_flops, resolve_variant
 
     t_start = time.perf_counter()
@@ -615,9 +567,8 @@ def run(args) -> dict:
     )
     spec = args.spec_tflops or spec_peak_tflops(kind)
 
-    mesh = parallel.make_mesh(devices=devices)
     limit = device_memory_limit_gb(devices[0])
-    trainer, analysis, fused_error = build_trainer(args, mesh, limit)
+    trainer, analysis, fused_error = build_trainer(args, devices, limit)
     print(
         f"DiT-{args.variant}: {trainer.num_params / 1e6:.1f}M parameters; init "
         f"{trainer.init_s:.1f} s, compile {trainer.compile_s:.1f} s; batch {args.batch} = "
@@ -625,14 +576,8 @@ def run(args) -> dict:
         flush=True,
     )
 
-    t0 = time.perf_counter()
-    trainer.train(args.warmup)
-    warmup_s = time.perf_counter() - t0
-    seconds = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        trainer.train(args.steps)
-        seconds.append(time.perf_counter() - t0)
+    warmup_s = harness.elapsed(lambda: trainer.train(args.warmup))
+    seconds = [harness.elapsed(lambda: trainer.train(args.steps)) for _ in range(args.repeats)]
     loss = float(trainer.metrics["loss"])
     profile = profile_steps(trainer, args.profile, steps=2) if args.profile else None
     if not math.isfinite(loss):
@@ -640,16 +585,18 @@ def run(args) -> dict:
     step_s = statistics.median(seconds) / args.steps
     images_per_s = args.batch / step_s
 
+    data, d, o = trainer.run.data, trainer.run.cfg.diffusion, trainer.run.cfg.optim
     sizes = resolve_variant(args.variant, depth=args.depth)
-    macs = dit_flops(sizes, LATENT_SIZE, LATENT_CHANNELS, learn_sigma=True)
+    learned = d.var_type in LEARNED_VAR_TYPES
+    macs = dit_flops(sizes, data.image_shape[0], data.image_shape[2], learn_sigma=learned)
     per_image = train_flops_per_image(macs)
-    xla_flops = xla_forward_flops(args.variant, args.depth)
+    xla_flops = xla_forward_flops(args.variant, args.depth, data.image_shape, data.num_classes)
     depth_note = f" (depth {args.depth})" if args.depth else ""
     measured_mfu = mfu(images_per_s, per_image, len(devices), peak["peak_tflops"] * 1e12)
     spec_mfu = mfu(images_per_s, per_image, len(devices), spec * 1e12) if spec else None
     return {
         "benchmark": f"DiT-{args.variant}{depth_note} training throughput and MFU",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": harness.utc_now(),
         "dry_run": args.dry_run,
         "wall_s": time.perf_counter() - t_start,
         "machine": {
@@ -660,12 +607,7 @@ def run(args) -> dict:
             "platform": platform.platform(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "jaxlib": jaxlib_version(),
-            "flax": flax.__version__,
-        },
+        "versions": harness.versions("jax", "jaxlib", "flax"),
         "setup": {
             "variant": args.variant,
             "depth": sizes["depth"],
@@ -680,8 +622,13 @@ def run(args) -> dict:
             "remat": args.remat,
             "fused_attention": trainer.fused_attention,
             "fused_attention_error": fused_error,
-            "loss": f"hybrid: MSE on ε + {VLB_WEIGHT} L_vlb (learned range), 10% null labels",
-            "optimizer": "AdamW lr 1e-4, no weight decay, EMA 0.9999, no clipping",
+            "experiment": "experiments/dit_xl2.py, built without its data (its declared shapes)",
+            "loss": f"hybrid: MSE on ε + {d.vlb_weight:g} L_vlb ({d.var_type.replace('_', ' ')}), "
+            f"{100 * d.label_drop_prob:.0f}% null labels",
+            "optimizer": f"AdamW lr {o.learning_rate:.0e}, ".replace("e-0", "e-")
+            + (f"weight decay {o.weight_decay:g}" if o.weight_decay else "no weight decay")
+            + f", EMA {o.ema_decay:g}, "
+            + (f"clip {o.grad_clip:g}" if o.grad_clip else "no clipping"),
             "data": "synthetic N(0, 1) latents and random labels, generated on the devices",
             "steps_per_repeat": args.steps,
             "repeats": args.repeats,
@@ -755,23 +702,13 @@ def results_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |\n"
 
 
-def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """dit_gpu_<chip>.json, replaced atomically, and one appended row of RESULTS_DIT_GPU.md."""
-    os.makedirs(out_dir, exist_ok=True)
+def write_results(result: dict, out_dir: str, tag: str = "") -> tuple[str, str]:
+    """dit_gpu_<chip>.json (dit_gpu_<chip>_TAG.json with a tag), replaced atomically, and one
+    appended row of RESULTS_DIT_GPU.md."""
     chip = re.sub(r"[^a-z0-9]+", "_", result["machine"]["device_kind"].lower()).strip("_")
-    json_path = os.path.join(out_dir, f"dit_gpu_{chip or 'unknown'}.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, json_path)
-    md_path = os.path.join(out_dir, "RESULTS_DIT_GPU.md")
-    new = not os.path.exists(md_path)
-    with open(md_path, "a") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write(results_row(result))
-    return json_path, md_path
+    name = f"dit_gpu_{chip or 'unknown'}" + (f"_{tag}.json" if tag else ".json")
+    row = results_row(result)
+    return harness.save_results(result, out_dir, name, "RESULTS_DIT_GPU.md", RESULTS_HEADER, row)
 
 
 def print_summary(r: dict) -> None:
@@ -813,7 +750,7 @@ def main(argv=None) -> int:
     print_summary(result)
     out = args.out or (None if args.dry_run else RESULTS_DIR)
     if out:
-        for path in write_results(result, out):
+        for path in write_results(result, out, args.tag):
             print(f"wrote {os.path.relpath(path, ROOT)}")
     return 0
 

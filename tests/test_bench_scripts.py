@@ -1,7 +1,8 @@
-"""The DiT benchmarks run: the GPU MFU script end to end on the CPU (its --dry-run path, with
-gradient accumulation), its FLOP count against the paper, and the CPU benchmark's two trainers
-on a tiny DiT (weights converted from diffusers, outputs equal, a memory subprocess that loads
-only its own framework).
+"""The benchmarks run: the GPU MFU script end to end on the CPU (its --dry-run path, with
+gradient accumulation), its FLOP count against the paper, the CPU DiT benchmark's two trainers
+on a tiny DiT (weights converted from diffusers into the built run's state, outputs equal, a
+memory subprocess that loads only its own framework), and the digits benchmark's built run
+against its diffusers U-Net.
 
 The timings these produce are not measurements; the scripts themselves are run by
 `make bench-dit` and `make bench-dit-gpu` (see benchmarks/README.md).
@@ -25,6 +26,7 @@ sys.path.insert(0, BENCHMARKS)
 
 import bench_dit  # noqa: E402
 import gpu_dit_mfu  # noqa: E402
+import harness  # noqa: E402
 
 # A DiT small enough to train in a test, at the benchmark's 32x32x4 latents and 1000 classes.
 TINY_DIFFUSERS_CONFIG = {
@@ -212,10 +214,39 @@ def test_interleaved_timing_alternates_and_leads_each_repeat_with_an_untimed_ste
     events = []
     runs = {name: (lambda name=name: events.append(("timed", name))) for name in ("A", "B")}
     lead_in = {name: (lambda name=name: events.append(("lead", name))) for name in ("A", "B")}
-    times = bench_dit._helpers().interleaved(runs, 3, lead_in=lead_in)
+    times = harness.interleaved(runs, 3, lead_in=lead_in)
     order = ["A", "B", "B", "A", "A", "B"]
     assert events == [e for name in order for e in (("lead", name), ("timed", name))]
     assert {name: len(t) for name, t in times.items()} == {"A": 3, "B": 3}
     events.clear()
-    bench_dit._helpers().interleaved(runs, 2)  # without lead-in steps: only the timed runs
+    harness.interleaved(runs, 2)  # without lead-in steps: only the timed runs
     assert events == [("timed", name) for name in order[:4]]
+
+
+# ---------------------------------------------------------------- the digits benchmark
+
+
+def test_digits_benchmark_times_the_built_run_against_the_same_unet():
+    import bench_digits
+    import numpy as np
+    import torch
+
+    from diffusax import config as config_lib
+
+    cfg = config_lib.load_experiment(os.path.join(ROOT, "experiments", "ddpm_digits.py"))
+    ours = bench_digits.Ours(cfg, cfg.sample, num_devices=1)
+    assert ours.run.cfg is cfg and set(ours.state.params) == {"model"}  # build's run, DDPM's
+    theirs = bench_digits.Theirs(cfg, ours.image_shape, ours.num_classes, 20, cfg.seed)
+    theirs.load_batches(ours.load_batches(2))
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, *ours.image_shape), dtype=np.float32)
+    t = np.array([0, 10, 500, 999], np.int32)
+    y = np.array([0, 3, 9, ours.num_classes], np.int32)  # the last: the null label
+    parity = bench_digits.check_parity(ours, theirs, x, t, y)
+    assert parity["max_abs_diff"] <= 1e-4 * parity["output_scale"]
+    ours.compile_train()
+    ours.train(2)
+    theirs.train(2)
+    assert int(ours.state.step) == 2 and math.isfinite(float(ours.metrics["loss"]))
+    assert math.isfinite(float(theirs.loss.item()))
