@@ -187,7 +187,7 @@ STOPPED = [  # (id, damage, config changes, message)
         _forget_model_config,
         {"model.ch": 16},
         r"(?s)checkpoint {ckpt}/6 does not match the model .*"
-        r"params\.model\.conv_in\.kernel: checkpoint has shape \(3, 3, 1, 8\) float32, model has "
+        r"ema\.ema\.conv_in\.kernel: checkpoint has shape \(3, 3, 1, 8\) float32, model has "
         r"\(3, 3, 1, 16\)",
     ),
 ]
