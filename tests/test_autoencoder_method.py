@@ -3,7 +3,7 @@
 The discriminator is checked against taming-transformers' `NLayerDiscriminator`, written out
 below in torch line by line as taming has it (with `norm_layer=nn.GroupNorm` in place of
 BatchNorm), weights copied across; the losses against their equations evaluated by hand.
-Every model is tiny, so the file runs in seconds.
+Every model is tiny: the file runs in about 40 s on 2 CPU cores (mostly compilation).
 """
 
 from __future__ import annotations
