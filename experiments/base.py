@@ -49,6 +49,45 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.class_conditional = False
     c.model.remat = False
     c.model.dtype = "float32"  # computation dtype; parameters stay float32
+    # unet_cond only (the LDM / Stable Diffusion cross-attention U-Net): attn_resolutions are
+    # the levels with transformer blocks (the middle always has one), num_heads their heads.
+    c.model.transformer_layers = 1  # BasicTransformerBlocks per transformer
+    c.model.linear_projection = False  # proj_in / proj_out: Linear (SD 2) or 1x1 conv (SD 1)
+
+    # What the denoiser is conditioned on (diffusax.conditions), through τθ(y) and
+    # cross-attention (model.name = "unet_cond"). "" = the U-Net / DiT's own class labels,
+    # switched on by model.class_conditional.
+    c.condition = ml_collections.ConfigDict()
+    c.condition.kind = ""  # "" | label | text | embedding
+    c.condition.class_dim = 64  # label: width of the class embedding τθ(y)
+    # GLIDE: add τθ's pooled vector (class embedding, final text token, mean embedding) to the
+    # timestep embedding, beside the cross-attention context.
+    c.condition.pooled_to_temb = True
+    # embedding: precomputed embeddings (CLIP, T5, ...) carried by the dataset: the TFDS
+    # feature or latent-shard field `embedding_key`, of shape (D,) or (L, D) per example.
+    c.condition.embedding_key = "embedding"
+    c.condition.embedding_shape = ()
+
+    # condition.kind = "text": a tokenizer over the captions and a CLIP-architecture text
+    # encoder trained with the diffusion model (diffusax.models.text).
+    c.text = ml_collections.ConfigDict()
+    c.text.captions = "digits"  # what makes the captions (diffusax.data.captions)
+    c.text.tokenizer = "words"  # words | chars
+    c.text.context_length = 16  # tokens per caption, bos and eos included
+    c.text.width = 64
+    c.text.layers = 2
+    c.text.heads = 4
+    c.text.mlp_dim = 0  # 0 = 4 * width
+
+    # Method "ldm": diffusion on z = scale_factor * E(x) of a frozen KL autoencoder, decoded
+    # by it (diffusax.methods.ldm). Its architecture is the `autoencoder` section below.
+    c.ldm = ml_collections.ConfigDict()
+    # "run:DIR" (an `autoencoder` run of this project) or "diffusers:DIR" (a local AutoencoderKL
+    # folder, e.g. stabilityai/sd-vae-ft-ema downloaded beforehand).
+    c.ldm.vae = ""
+    # Multiplies the latents so that they have about unit variance (0.18215 for the SD VAE);
+    # `make eval EXP=autoencoder_digits` reports 1 / std of its latents.
+    c.ldm.scale_factor = 1.0
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -128,6 +167,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 1.0  # 1 = the conditional model, no guidance
     c.sample.clip_x0 = 1.0  # clip predicted x_0 to [-c, c]; 0 = off
     c.sample.label = -1  # -1 = cycle through the classes
+    # condition.kind = "text": the prompt, or several separated by "|" (cycled); "" = prompts
+    # naming the classes in turn ("the digit zero", ...), or sample.label's.
+    c.sample.prompt = ""
     # Classifier-free guidance on the first N output channels (-1 = all of them). DiT's reference
     # code guides 3 of the 4 latent channels; set 3 to reproduce its numbers.
     c.sample.guided_channels = -1

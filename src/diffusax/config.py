@@ -38,6 +38,9 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.nonfinite": ("abort", "skip"),
     "sample.spacing": tuple(sampling.SPACINGS),
+    "condition.kind": ("", "label", "text", "embedding"),
+    "text.tokenizer": ("words", "chars"),
+    "text.captions": ("digits",),
 }
 
 
@@ -297,12 +300,24 @@ def validate(cfg) -> None:
     learned = fields["diffusion.var_type"] in diffusion.LEARNED_VAR_TYPES
     if learned and fields["diffusion.prediction"] != "eps":
         raise ConfigError("config field 'diffusion.var_type' learned needs prediction='eps'")
-    if fields["diffusion.label_drop_prob"] > 0 and not fields["model.class_conditional"]:
+    conditional = fields["model.class_conditional"] or fields["condition.kind"]
+    if fields["diffusion.label_drop_prob"] > 0 and not conditional:
         raise ConfigError(
-            "config field 'diffusion.label_drop_prob' > 0 needs model.class_conditional=True"
+            "config field 'diffusion.label_drop_prob' > 0 needs model.class_conditional=True "
+            "(or a condition.kind)"
         )
-    if fields["sample.guidance_scale"] != 1.0 and not fields["model.class_conditional"]:
-        raise ConfigError("config field 'sample.guidance_scale' needs a class-conditional model")
+    if fields["sample.guidance_scale"] != 1.0 and not conditional:
+        raise ConfigError("config field 'sample.guidance_scale' needs a conditional model")
+    if fields["condition.kind"] and fields["model.name"] != "unet_cond":
+        raise ConfigError(
+            f"config field 'condition.kind' ({fields['condition.kind']!r}) feeds τθ(y) to a "
+            f"cross-attention U-Net: set model.name='unet_cond' (got {fields['model.name']!r})"
+        )
+    if fields["model.name"] == "unet_cond" and not fields["condition.kind"]:
+        raise ConfigError(
+            "config field 'model.name' is 'unet_cond' (the cross-attention U-Net): set "
+            "condition.kind to label, text or embedding"
+        )
     if (
         fields["train.mesh_fsdp"] < 1
         or fields["train.mesh_data"] == 0

@@ -60,9 +60,18 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
 
 def draw_samples(trained: Trained, num: int, key, *, sample_cfg=None, label: int | None = None):
     """``num`` samples as ([-1, 1] float images, labels or None) with ``cfg.sample`` settings."""
+    images, meta = draw_conditioned(trained, num, key, sample_cfg=sample_cfg, label=label)
+    return images, meta.get("labels")
+
+
+def draw_conditioned(trained: Trained, num: int, key, *, sample_cfg=None, label=None):
+    """``num`` samples as ([-1, 1] float images, {"labels", "prompts"}: what each was asked
+    for, where the method conditions on it) with ``cfg.sample`` settings."""
     s = (sample_cfg or trained.cfg.sample).copy_and_resolve_references()
     with s.unlocked():
         s.batch_size = methods.padded_batch_size(min(s.batch_size, num), trained.mesh.size)
+        if label is not None:
+            s.label = label
     if trained.run is not None:  # the method's sampler
         generate = trained.run.method.make_sampler(trained.run, s)
     else:  # a hand-made Trained: the denoising sampler over its fields
@@ -79,37 +88,43 @@ def draw_samples(trained: Trained, num: int, key, *, sample_cfg=None, label: int
         raise config_lib.ConfigError(
             f"method {trained.cfg.method!r} draws no samples; see `make eval EXP={trained.cfg.name}`"
         )
-    return methods.generate_many(
+    if trained.run is None:
+        images, labels = methods.generate_many(
+            generate, trained.params, num, s.batch_size, trained.num_classes, key, s.label
+        )
+        return images, ({} if labels is None else {"labels": labels})
+    conditions, meta = trained.run.method.sample_conditions(trained.run, num, s)
+    images, _ = methods.generate_many(
         generate,
         trained.params,
         num,
         s.batch_size,
         trained.num_classes,
         key,
-        s.label if label is None else label,
+        conditions=conditions,
     )
+    return images, meta
 
 
 def sample_to_disk(cfg, workdir: str) -> str:
-    """`--mode=sample`: write samples/samples.npz (uint8 NHWC `images`, `labels`) and a grid."""
+    """`--mode=sample`: write samples/samples.npz (uint8 NHWC `images`, and the `labels` or
+    `prompts` they were drawn with) and a grid."""
     trained = load_trained(cfg, workdir)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)
-    images, labels = draw_samples(trained, cfg.sample.num_samples, key)  # every process samples
+    images, meta = draw_conditioned(trained, cfg.sample.num_samples, key)  # every process samples
     out_dir = os.path.join(workdir, "samples")
     path = os.path.join(out_dir, "samples.npz")
     if jax.process_index() != 0:
         return path
     os.makedirs(out_dir, exist_ok=True)
     arrays = {"images": image_io.to_uint8(images)}
-    if labels is not None:
-        arrays["labels"] = labels
+    arrays.update(meta)  # the labels and / or prompts each sample was drawn with
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
     n_grid = min(len(images), 100)
-    ncols = (
-        trained.num_classes if trained.num_classes and n_grid % trained.num_classes == 0 else None
-    )
+    classes = trained.num_classes or (trained.run.data.dataset_classes if "labels" in meta else 0)
+    ncols = classes if classes and n_grid % classes == 0 else None
     image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:n_grid], ncols)
     return path
 

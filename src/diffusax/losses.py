@@ -2,7 +2,7 @@
 
 ``apply_fn(params, x, t, y, dropout_key) -> output`` is the network with its graph bound (see
 ``diffusax.models.make_apply_fn``); ``batch`` is a dict with ``image`` (B, H, W, C) in [-1, 1]
-and, for conditional models, ``label`` (B,). The loss is jit-able and differentiable in params.
+and, for conditional models, ``label`` (B,) or the fields of a ``conditions.Condition``. The loss is jit-able and differentiable in params.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def make_diffusion_loss(
     min_snr_gamma: float | None = None,
     label_drop_prob: float = 0.0,
     null_label: int | None = None,
+    condition=None,
 ):
     """The denoising loss of DDPM and its relatives.
 
@@ -58,13 +59,15 @@ def make_diffusion_loss(
 
     ``min_snr_gamma`` weights L_simple by Min-SNR-γ. ``label_drop_prob`` replaces labels by
     ``null_label`` at that rate so that one network learns both the conditional and the
-    unconditional model used by classifier-free guidance.
+    unconditional model used by classifier-free guidance. ``condition``
+    (``conditions.Condition``) generalises the labels: the batch's condition (labels, caption
+    tokens and mask, or embeddings) is dropped to the condition's null value at that rate.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
     if var_type not in diffusion.VAR_TYPES:
         raise ValueError(f"unknown var_type {var_type!r}; choose one of {diffusion.VAR_TYPES}")
-    if label_drop_prob > 0 and null_label is None:
+    if label_drop_prob > 0 and null_label is None and condition is None:
         raise ValueError("label_drop_prob > 0 needs null_label (the unconditional class index)")
     learned_variance = var_type in diffusion.LEARNED_VAR_TYPES
     if learned_variance and prediction != "eps":
@@ -74,13 +77,16 @@ def make_diffusion_loss(
 
     def loss_fn(params, batch, key):
         x0 = batch["image"]
-        labels = batch.get("label")
+        labels = batch.get("label") if condition is None else condition.from_batch(batch)
         t_key, noise_key, drop_key, label_key = jax.random.split(key, 4)
         t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps)  # (B,)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         xt = diffusion.q_sample(sched, x0, t, noise)
         if labels is not None and label_drop_prob > 0:
-            labels = drop_labels(labels, label_key, label_drop_prob, null_label)
+            if condition is None:
+                labels = drop_labels(labels, label_key, label_drop_prob, null_label)
+            else:
+                labels = condition.drop(labels, label_key, label_drop_prob)
         out = apply_fn(params, xt, t, labels, drop_key).astype(jnp.float32)
         pred, var_out = diffusion.split_model_output(out, var_type)
 

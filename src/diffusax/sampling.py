@@ -361,7 +361,8 @@ def classifier_free_guidance(
     """Wrap a conditional network ``apply_fn(x, t, y)`` into a guided one ``(x, t, y) -> out``.
 
     One call on the doubled batch [x, x] with conditions [y, ∅] (``null_label`` broadcast to
-    y's shape: a class index or a null embedding), then for the prediction channels
+    y's shape: a class index, a null embedding, or a pytree such as the empty caption's tokens
+    and mask, ``conditions.Condition.null_row``), then for the prediction channels
 
         out = out(∅) + s (out(y) - out(∅)),
 
@@ -377,9 +378,13 @@ def classifier_free_guidance(
         raise ValueError(f"guided_channels must be a positive int or None, got {guided_channels!r}")
 
     def guided(x, t, y):
-        y_null = jnp.broadcast_to(jnp.asarray(null_label, dtype=y.dtype), y.shape)
+        # y and the null may be pytrees (a text condition's tokens and mask): leaf by leaf.
+        y_null = jax.tree.map(
+            lambda n, v: jnp.broadcast_to(jnp.asarray(n, dtype=v.dtype), v.shape), null_label, y
+        )
+        y_both = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), y, y_null)
         out = apply_fn(
-            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y_null])
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both
         )  # (2B, ..., C) or (2B, ..., 2C)
         cond, uncond = jnp.split(out, 2, axis=0)  # (B, ..., C or 2C) each
         if learned_variance:

@@ -38,19 +38,36 @@ def load_source(
     image_key: str = "image",
     label_key: str | None = "label",
     image_shape=None,
+    embedding_key: str | None = None,
 ):
     """A random-access source: the bundled ``digits``, else the TFDS dataset ``name``.
 
     TFDS datasets are read from ``data_dir`` (None or "": TFDS's default) and must already be
     prepared in array_record format; a missing one raises ``DatasetNotPreparedError`` with the
     command that prepares it. ``label_key`` None or "" reads no labels. ``image_shape``
-    (H, W, C), when given, must match the dataset's.
+    (H, W, C), when given, must match the dataset's. ``embedding_key`` (``condition.embedding_key``;
+    None or "": none) names a float ``Tensor`` feature of shape (D,) or (L, D), read as
+    ``'embedding'`` float32 and recorded in ``info.embedding_shape``; a dataset without it
+    raises ``DataConfigError``.
     """
     if name == "digits":
+        if embedding_key:
+            raise DataConfigError(
+                f"config field 'condition.embedding_key' = {embedding_key!r}: the bundled "
+                f"digits carry no embeddings; use a TFDS dataset with an embedding feature"
+            )
         return digits(split, image_shape=image_shape)
     from diffusax.data.tfds_source import TfdsSource
 
-    return TfdsSource(name, split, data_dir or None, image_key, label_key or None, image_shape)
+    return TfdsSource(
+        name,
+        split,
+        data_dir or None,
+        image_key,
+        label_key or None,
+        image_shape,
+        embedding_key=embedding_key or None,
+    )
 
 
 __all__ = [

@@ -22,12 +22,18 @@ view 0 is the image, view 1 its mirror, and a flipped row reads view 1.
 Files (``latents.dir``): ``manifest.json`` (source, split, sizes, latent shape, views, the VAE,
 the scale factor, ``complete``) and ``shard-KKKKK-of-NNNNN.npy``, each a NumPy structured array
 of up to ``shard_size`` records ``(mean (V, h, w, C) f32, std (V, h, w, C) f32, label i32,
-index i64)``, ``index`` being the example's position in the source. Plain ``.npy`` is
+index i64)`` (and ``embedding`` f32 when the source carries embeddings), ``index`` being the
+example's position in the source. Plain ``.npy`` is
 memory-mapped, so a batch reads only its rows. Shard k holds examples [k S, (k + 1) S). ImageNet
 256 with flips takes 64 KiB per example (~84 GB). A shard is written to a temporary name and
 renamed when complete, so a killed run leaves no partial shard; running again skips the
 finished shards (same partition: no re-encoding, no duplicates) and removes stale temporaries.
 One encoder per directory, on one host (it uses all of that host's devices).
+
+Precomputed condition embeddings (``condition.kind = "embedding"``): the TFDS feature
+``condition.embedding_key`` (float (D,) or (L, D) per example) is copied into each record's
+``embedding`` field; the manifest records ``embedding_key`` and ``embedding_shape``, and batches
+carry ``'embedding'`` float32 beside ``'image'`` and ``'label'`` (the same for both views).
 
 Sources (``latents.source``, read by ``raw_images``): a TFDS name prepared in array_record
 (``imagenet2012``: download ILSVRC2012 by hand, then ``tfds build imagenet2012
@@ -74,6 +80,8 @@ _SPEC_FIELDS = (
     "vae",
     "latent_shape",
     "shard_size",
+    "embedding_key",  # present only when the shards carry embeddings
+    "embedding_shape",
 )
 _OPEN_SHARDS = 128  # memory maps kept open by a LatentSource (each holds a file descriptor)
 
@@ -205,12 +213,14 @@ def shard_name(k: int, num_shards: int) -> str:
     return f"shard-{k:05d}-of-{num_shards:05d}.npy"
 
 
-def shard_dtype(latent_shape, views: int) -> np.dtype:
-    """One record per example: both moments of every view, its label and source index."""
+def shard_dtype(latent_shape, views: int, embedding_shape=None) -> np.dtype:
+    """One record per example: both moments of every view, its label and source index, and
+    its embedding (float32 ``embedding_shape``) when given."""
     moments = (np.float32, (views, *latent_shape))
-    return np.dtype(
-        [("mean", *moments), ("std", *moments), ("label", np.int32), ("index", np.int64)]
-    )
+    fields = [("mean", *moments), ("std", *moments), ("label", np.int32), ("index", np.int64)]
+    if embedding_shape is not None:
+        fields.append(("embedding", np.float32, tuple(embedding_shape)))
+    return np.dtype(fields)
 
 
 def read_manifest(directory: str) -> dict | None:
@@ -254,7 +264,8 @@ def encode_to_shards(
     Resumable: finished shards of an earlier run with the same settings are kept as they are
     (a directory made with other settings is refused, naming them). ``views`` 2 also stores the
     mirrored images' moments; ``batch_size`` examples (x ``views`` images) go through the
-    encoder at a time; ``workers`` threads read and resize the images.
+    encoder at a time; ``workers`` threads read and resize the images. When ``images`` carry
+    embeddings (``images.embedding_shape``), every record stores its example's.
     """
     import jax
 
@@ -287,12 +298,16 @@ def encode_to_shards(
         "scale_factor": scale_factor,  # applied at training time; the shards hold unscaled z
         "complete": False,
     }
+    embedding_shape = images.embedding_shape
+    if embedding_shape is not None:
+        manifest["embedding_key"] = images.embedding_key
+        manifest["embedding_shape"] = [int(d) for d in embedding_shape]
     os.makedirs(directory, exist_ok=True)
     previous = read_manifest(directory)
     if previous is not None:
-        changed = [k for k in _SPEC_FIELDS if previous.get(k) != manifest[k]]
+        changed = [k for k in _SPEC_FIELDS if previous.get(k) != manifest.get(k)]
         if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {manifest[k]!r}" for k in changed)
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {manifest.get(k)!r}" for k in changed)
             raise ValueError(
                 f"latents.dir {directory} holds shards made with other settings ({details}); "
                 f"use another latents.dir or delete it"
@@ -307,7 +322,7 @@ def encode_to_shards(
     _write_manifest(directory, manifest)
 
     encode = _jit_encoder(vae, batch_size * views)
-    dtype = shard_dtype(latent_shape, views)
+    dtype = shard_dtype(latent_shape, views, embedding_shape)
     with concurrent.futures.ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
         for k in range(num_shards):
             path = os.path.join(directory, shard_name(k, num_shards))
@@ -328,19 +343,23 @@ def encode_to_shards(
 
 
 def _load(images: Images, i: int, size: int):
-    image, label = images.load(int(i))
-    return center_crop(image, size), label
+    """(pixels uint8 (size, size, 3), label, embedding or None) of example ``i``."""
+    image, label, *embedding = images.load(int(i))
+    return center_crop(image, size), label, embedding[0] if embedding else None
 
 
 def _encode_chunk(encode, chunk, records, views: int) -> None:
-    """Fill ``records`` (a view of the shard's rows) from ``chunk``, a list of (pixels, label)."""
-    pixels = np.stack([p for p, _ in chunk])  # (b, S, S, 3)
+    """Fill ``records`` (a view of the shard's rows) from ``chunk``, a list of
+    (pixels, label, embedding or None)."""
+    pixels = np.stack([p for p, _, _ in chunk])  # (b, S, S, 3)
     both = np.concatenate([pixels, pixels[:, :, ::-1]])[: len(chunk) * views]  # view-major
     mean, std = encode(both)  # (views * b, h, w, C) each
     for name, value in (("mean", mean), ("std", std)):
         per_view = value.reshape(views, len(chunk), *value.shape[1:])
         records[name] = np.moveaxis(per_view, 0, 1)  # (b, views, h, w, C)
-    records["label"] = [label for _, label in chunk]
+    records["label"] = [label for _, label, _ in chunk]
+    if "embedding" in records.dtype.names:
+        records["embedding"] = np.stack([e for _, _, e in chunk])  # (b, D) or (b, L, D)
 
 
 # ---------------------------------------------------------------------------- from a config
@@ -359,7 +378,12 @@ def encode_from_config(cfg) -> str:
     lat = cfg.latents
     vae = load_vae(lat.vae)
     images = open_images(
-        lat.source, lat.source_split, lat.source_dir, cfg.data.image_key, cfg.data.label_key
+        lat.source,
+        lat.source_split,
+        lat.source_dir,
+        cfg.data.image_key,
+        cfg.data.label_key,
+        embedding_key=_embedding_key(cfg),
     )
     encode_to_shards(
         lat.dir,
@@ -373,6 +397,20 @@ def encode_from_config(cfg) -> str:
         scale_factor=lat.scale_factor,
     )
     return os.path.join(lat.dir, MANIFEST)
+
+
+def _embedding_key(cfg) -> str | None:
+    """``condition.embedding_key`` when the experiment is conditioned on embeddings, else None."""
+    condition = cfg.get("condition")
+    if condition is None or condition.get("kind") != "embedding":
+        return None
+    key = condition.get("embedding_key")
+    if not key:
+        raise DataConfigError(
+            "config field 'condition.embedding_key' is empty; name the dataset feature that "
+            "holds the embeddings (condition.kind = 'embedding')"
+        )
+    return key
 
 
 def how_to_make(cfg) -> str:
@@ -417,14 +455,31 @@ def open_source(cfg) -> LatentSource:
             f"mirrored views; encode them again with data.random_flip=True into another "
             f"latents.dir, or train without flips"
         )
+    key = _embedding_key(cfg)
+    if key is not None:
+        if manifest.get("embedding_key") != key:
+            held = manifest.get("embedding_key")
+            raise DataConfigError(
+                f"config field 'condition.embedding_key' is {key!r} but the shards in "
+                f"{directory!r} hold "
+                + (f"the embeddings of {held!r}" if held else "no embeddings")
+                + "; encode them again with this condition into another latents.dir"
+            )
+        declared = tuple(cfg.condition.get("embedding_shape") or ())
+        if declared and declared != tuple(manifest["embedding_shape"]):
+            raise DataConfigError(
+                f"config field 'condition.embedding_shape' is {declared} but the shards in "
+                f"{directory!r} hold embeddings of shape {tuple(manifest['embedding_shape'])}"
+            )
     return LatentSource(directory, cfg.latents.scale_factor)
 
 
 class LatentSource:
     """Latent shards as a data source: ``info`` has the latent shape (h, w, C).
 
-    ``read(indices)`` gives the stored moments ``{'mean', 'std'}`` (n, h, w, C) of view 0 and
-    ``label``; ``read_sampled(indices, noise, flip)`` gives ``{'image': z_s, 'label'}`` with
+    ``read(indices)`` gives the stored moments ``{'mean', 'std'}`` (n, h, w, C) of view 0,
+    ``label`` and, when the shards carry them (``info.embedding_shape``), ``embedding``;
+    ``read_sampled(indices, noise, flip)`` gives ``{'image': z_s, 'label', 'embedding'}`` with
     z_s = scale_factor (μ + σ ε) of the mirrored view where ``flip``; ``pipeline.read_rows``
     calls it with ε drawn per global row.
     """
@@ -436,6 +491,9 @@ class LatentSource:
         self.directory, self.manifest = directory, manifest
         self.scale_factor = float(scale_factor)
         self.views = int(manifest["views"])
+        embedding_shape = manifest.get("embedding_shape")
+        if embedding_shape is not None:
+            embedding_shape = tuple(int(d) for d in embedding_shape)
         self.info = validate_info(
             DatasetInfo(
                 name=f"latents:{manifest['source']}",
@@ -444,9 +502,10 @@ class LatentSource:
                 image_shape=tuple(manifest["latent_shape"]),
                 dtype="float32",
                 num_classes=manifest["num_classes"],
+                embedding_shape=embedding_shape,
             )
         )
-        self._dtype = shard_dtype(manifest["latent_shape"], self.views)
+        self._dtype = shard_dtype(manifest["latent_shape"], self.views, embedding_shape)
         self._shard_size = manifest["shard_size"]
         num_shards = manifest["num_shards"]
         for k in range(num_shards):  # fail now, not in the middle of training
@@ -494,12 +553,16 @@ class LatentSource:
         out = {"mean": records["mean"][rows, view], "std": records["std"][rows, view]}
         if self.info.num_classes is not None:
             out["label"] = records["label"]
+        if self.info.embedding_shape is not None:
+            out["embedding"] = np.ascontiguousarray(records["embedding"])  # (n, D) | (n, L, D)
         return out
 
     def read_sampled(self, indices, noise, flip=None) -> dict[str, np.ndarray]:
-        """``{'image': z_s (n, h, w, C), 'label'}``, z_s = scale_factor (μ + σ noise)."""
+        """``{'image': z_s (n, h, w, C), 'label', 'embedding'}``, z_s = scale_factor (μ + σ noise);
+        ``label`` and ``embedding`` where the shards hold them."""
         moments = self.read(indices, flip)
         out = {"image": sample_latents(moments["mean"], moments["std"], noise, self.scale_factor)}
-        if "label" in moments:
-            out["label"] = moments["label"]
+        for key in ("label", "embedding"):
+            if key in moments:
+                out[key] = moments[key]
         return out

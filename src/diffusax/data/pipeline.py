@@ -98,6 +98,8 @@ def read_rows(source, step, seed, global_batch, rows, random_flip=False) -> dict
         flip = flip_mask(global_batch, step, seed)[rows]
         image = batch["image"]  # (n, H, W, C)
         batch["image"] = np.where(flip[:, None, None, None], image[:, :, ::-1, :], image)
+    if hasattr(source, "annotate"):  # per-step fields drawn from (seed, step, row): captions
+        batch = source.annotate(batch, indices, step, seed, rows)
     return batch
 
 

@@ -4,6 +4,9 @@
     image, label = images.load(7)                            # PIL RGB image, int label (-1: none)
     pixels = center_crop(image, 256)                         # uint8 (256, 256, 3)
 
+With ``embedding_key`` (``condition.kind = "embedding"``) a TFDS dataset's precomputed embeddings
+come too: ``image, label, embedding = images.load(7)``, float32 of ``images.embedding_shape``.
+
 ``folder:PATH`` holds one sub-folder per class (sorted names = labels 0..K-1, as torchvision's
 ImageFolder that DiT reads) or, without sub-folders, unlabelled images. A TFDS name must be
 prepared in array_record; unlike ``TfdsSource`` the images may differ in size (ImageNet).
@@ -18,26 +21,46 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from diffusax.data.sources import digits
+from diffusax.data.sources import DataConfigError, digits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
 class Images:
-    """A dataset to encode: ``load(i) -> (PIL image, label)``, label -1 when unlabelled."""
+    """A dataset to encode: ``load(i) -> (PIL image, label)``, label -1 when unlabelled.
+
+    When the examples carry precomputed embeddings (``embedding_shape`` (D,) or (L, D) is not
+    None), ``load(i) -> (PIL image, label, embedding float32 of embedding_shape)``;
+    ``embedding_key`` is the feature they were read from.
+    """
 
     name: str
     split: str
     num_examples: int
     num_classes: int | None
-    load: Callable[[int], tuple[Image.Image, int]]
+    load: Callable[[int], tuple]
+    embedding_shape: tuple | None = None
+    embedding_key: str | None = None
 
 
 def open_images(
-    spec: str, split: str = "train", data_dir: str = "", image_key="image", label_key="label"
+    spec: str,
+    split: str = "train",
+    data_dir: str = "",
+    image_key="image",
+    label_key="label",
+    embedding_key: str | None = None,
 ) -> Images:
-    """``digits``, ``folder:PATH`` or a prepared TFDS dataset name, as ``Images``."""
+    """``digits``, ``folder:PATH`` or a prepared TFDS dataset name, as ``Images``.
+
+    ``embedding_key`` (None or "": none) also reads that feature's embeddings (TFDS only).
+    """
+    if embedding_key and (spec == "digits" or spec.startswith("folder:")):
+        raise DataConfigError(
+            f"config field 'condition.embedding_key' = {embedding_key!r}: latents.source "
+            f"{spec!r} carries no embeddings; only a TFDS dataset with that feature does"
+        )
     if spec == "digits":
         source = digits(split)
         batch = source.read(np.arange(len(source)))
@@ -49,7 +72,9 @@ def open_images(
         return _folder_images(spec.removeprefix("folder:"))
     if not spec:
         raise ValueError("config field 'latents.source' is empty; name the images to encode")
-    return _tfds_images(spec, split, data_dir or None, image_key, label_key or None)
+    return _tfds_images(
+        spec, split, data_dir or None, image_key, label_key or None, embedding_key or None
+    )
 
 
 def _folder_images(root: str) -> Images:
@@ -77,11 +102,16 @@ def _folder_images(root: str) -> Images:
     return Images(f"folder:{root}", "all", len(files), len(classes) or None, load)
 
 
-def _tfds_images(name, split, data_dir, image_key, label_key) -> Images:
+def _tfds_images(name, split, data_dir, image_key, label_key, embedding_key=None) -> Images:
     """A TFDS split read by index; unlike ``TfdsSource``, images may differ in size (ImageNet)."""
     import tensorflow_datasets as tfds
 
-    from diffusax.data.tfds_source import RANDOM_ACCESS_FORMATS, not_prepared
+    from diffusax.data.tfds_source import (
+        RANDOM_ACCESS_FORMATS,
+        check_embeddings,
+        embedding_shape,
+        not_prepared,
+    )
 
     def missing(problem):
         error = not_prepared(name, data_dir, problem)
@@ -105,14 +135,23 @@ def _tfds_images(name, split, data_dir, image_key, label_key) -> Images:
     num_classes = None
     if label_key:
         num_classes = int(builder.info.features[label_key].num_classes)
+    shape = None
+    if embedding_key:
+        shape = embedding_shape(name, builder.info.features, embedding_key)
 
     def load(i):
         record = records[i]
         pixels = np.asarray(record[image_key])  # (H, W, 1 or 3) uint8
         image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-        return image.convert("RGB"), int(record[label_key]) if label_key else -1
+        label = int(record[label_key]) if label_key else -1
+        if shape is None:
+            return image.convert("RGB"), label
+        embedding = check_embeddings(name, np.asarray(record[embedding_key])[None], shape)[0]
+        return image.convert("RGB"), label, embedding
 
-    return Images(name, split, len(records), num_classes, load)
+    return Images(
+        name, split, len(records), num_classes, load, shape, embedding_key if shape else None
+    )
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:

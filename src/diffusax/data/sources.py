@@ -2,8 +2,10 @@
 
 A *source* is anything with ``info: DatasetInfo``, ``__len__`` and
 ``read(indices) -> {'image': float32 (n, H, W, C) in [-1, 1], 'label': int32 (n,)}``.
-``label`` is present exactly when ``info.num_classes`` is not None. Sources read by index, so a
-batch is a pure function of the indices asked for (see ``pipeline.py``).
+``label`` is present exactly when ``info.num_classes`` is not None, and ``embedding`` (float32
+(n, D) or (n, L, D): precomputed CLIP / T5 / ... embeddings, ``condition.kind = "embedding"``)
+exactly when ``info.embedding_shape`` is not None. Sources read by index, so a batch is a pure
+function of the indices asked for (see ``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class DatasetInfo:
     """What a model needs to know about a dataset split.
 
     ``dtype`` is the dtype the images are stored in (``uint8`` for TFDS images, mapped to
-    float32 in [-1, 1] when read); ``num_classes`` is None for an unlabelled dataset.
+    float32 in [-1, 1] when read); ``num_classes`` is None for an unlabelled dataset;
+    ``embedding_shape`` ((D,) or (L, D)) is that of the precomputed embeddings each example
+    carries, None when it carries none.
     """
 
     name: str
@@ -39,6 +43,7 @@ class DatasetInfo:
     image_shape: tuple  # (H, W, C)
     dtype: str
     num_classes: int | None
+    embedding_shape: tuple | None = None  # (D,) or (L, D)
 
 
 SUPPORTED_DTYPES = ("uint8", "float32", "float64")
@@ -48,8 +53,9 @@ def validate_info(info: DatasetInfo, image_shape=None) -> DatasetInfo:
     """Raise ValueError naming the dataset when it cannot feed an image diffusion model.
 
     Checks: at least one example, images of rank 3 (H, W, C) with fixed positive sizes and
-    1, 3 or 4 channels, a supported dtype, ``num_classes`` >= 1 when labelled, and, when
-    ``image_shape`` is given, that the images have exactly that shape.
+    1, 3 or 4 channels, a supported dtype, ``num_classes`` >= 1 when labelled, embeddings (when
+    carried) of shape (D,) or (L, D) with fixed positive sizes, and, when ``image_shape`` is
+    given, that the images have exactly that shape.
     """
     where = f"dataset '{info.name}' split '{info.split}'"
     if info.num_examples <= 0:
@@ -72,6 +78,12 @@ def validate_info(info: DatasetInfo, image_shape=None) -> DatasetInfo:
         )
     if info.num_classes is not None and info.num_classes < 1:
         raise ValueError(f"{where}: num_classes={info.num_classes}; expected >= 1 or None")
+    if info.embedding_shape is not None:
+        emb = tuple(info.embedding_shape)
+        if len(emb) not in (1, 2) or any(d is None or d <= 0 for d in emb):
+            raise ValueError(
+                f"{where}: embeddings have shape {emb} per example; expected a fixed (D,) or (L, D)"
+            )
     if image_shape is not None and tuple(image_shape) != shape:
         raise ValueError(
             f"{where}: images have shape {shape} but the config asks for {tuple(image_shape)}"
@@ -85,15 +97,30 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
 
 
 class ArraySource:
-    """An in-memory dataset: images (N, H, W, C) uint8 in [0, 255] or float in [-1, 1]."""
+    """An in-memory dataset: images (N, H, W, C) uint8 in [0, 255] or float in [-1, 1].
 
-    def __init__(self, name, split, images, labels=None, num_classes=None, image_shape=None):
+    ``embeddings``, when given, are float (N, D) or (N, L, D), one per image, read as
+    ``'embedding'`` float32.
+    """
+
+    def __init__(
+        self,
+        name,
+        split,
+        images,
+        labels=None,
+        num_classes=None,
+        image_shape=None,
+        embeddings=None,
+    ):
         images = np.asarray(images)
         where = f"dataset '{name}' split '{split}'"
         if images.ndim != 4:
             raise ValueError(
                 f"{where}: images array has shape {images.shape}; expected (N, H, W, C)"
             )
+        if embeddings is not None:
+            embeddings = _check_embeddings(where, embeddings, images.shape[0])
         self.info = validate_info(
             DatasetInfo(
                 name=name,
@@ -102,9 +129,11 @@ class ArraySource:
                 image_shape=images.shape[1:],
                 dtype=str(images.dtype),
                 num_classes=num_classes if labels is not None else None,
+                embedding_shape=None if embeddings is None else embeddings.shape[1:],
             ),
             image_shape,
         )
+        self._embeddings = embeddings  # (N, D) or (N, L, D) float32, or None
         if images.dtype == np.uint8:
             images = to_unit_range(images)
         else:
@@ -138,7 +167,27 @@ class ArraySource:
         out = {"image": self._images[indices]}  # (n, H, W, C)
         if self._labels is not None:
             out["label"] = self._labels[indices]  # (n,)
+        if self._embeddings is not None:
+            out["embedding"] = self._embeddings[indices]  # (n, D) or (n, L, D)
         return out
+
+
+def _check_embeddings(where: str, embeddings, num_examples: int) -> np.ndarray:
+    """float32 (N, D) or (N, L, D), or ValueError naming the dataset (``where``)."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim not in (2, 3) or not np.issubdtype(embeddings.dtype, np.floating):
+        raise ValueError(
+            f"{where}: embeddings have shape {embeddings.shape} dtype {embeddings.dtype}; "
+            f"expected floats of shape (N, D) or (N, L, D)"
+        )
+    if embeddings.shape[0] != num_examples:
+        raise ValueError(
+            f"{where}: {embeddings.shape[0]} embeddings for {num_examples} images; expected one "
+            f"per image"
+        )
+    if not np.isfinite(embeddings).all():
+        raise ValueError(f"{where}: embeddings hold non-finite values (NaN or inf)")
+    return embeddings.astype(np.float32)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusax.data.sources import DatasetInfo, to_unit_range, validate_info
+from diffusax.data.sources import DataConfigError, DatasetInfo, to_unit_range, validate_info
 
 RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
@@ -50,7 +50,8 @@ class TfdsSource:
 
     Images (``image_key``, an ``Image`` or ``Tensor`` feature of fixed shape (H, W, C), uint8)
     become float32 in [-1, 1]; labels (``label_key``, a ``ClassLabel``; None for unlabelled
-    data) become int32.
+    data) become int32; embeddings (``embedding_key``, a float ``Tensor`` feature of shape (D,)
+    or (L, D); None for none) become ``'embedding'`` float32.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class TfdsSource:
         image_key: str = "image",
         label_key: str | None = "label",
         image_shape=None,
+        embedding_key: str | None = None,
     ):
         import tensorflow_datasets as tfds
 
@@ -94,6 +96,11 @@ class TfdsSource:
                 image_shape=_image_shape(name, features, image_key),
                 dtype=np.dtype(features[image_key].np_dtype).name,
                 num_classes=_num_classes(name, features, label_key),
+                embedding_shape=(
+                    None
+                    if embedding_key is None
+                    else embedding_shape(name, features, embedding_key)
+                ),
             ),
             image_shape,
         )
@@ -103,6 +110,7 @@ class TfdsSource:
                 f"TFDS images are read as uint8 pixels"
             )
         self._image_key, self._label_key = image_key, label_key
+        self._embedding_key = embedding_key
         self._data = builder.as_data_source(split)
 
     def __len__(self) -> int:
@@ -120,7 +128,54 @@ class TfdsSource:
         out = {"image": to_unit_range(images)}
         if self._label_key is not None:
             out["label"] = np.array([r[self._label_key] for r in records], dtype=np.int32)
+        if self._embedding_key is not None:
+            out["embedding"] = check_embeddings(
+                self.info.name,
+                np.stack([np.asarray(r[self._embedding_key]) for r in records]),
+                self.info.embedding_shape,
+            )
         return out
+
+
+def embedding_shape(name, features, embedding_key) -> tuple:
+    """The per-example shape (D,) or (L, D) of the float feature ``embedding_key``.
+
+    DataConfigError naming ``condition.embedding_key`` (and listing the features) when the
+    dataset has no such feature or it is not a fixed-shape float tensor of rank 1 or 2.
+    """
+    if embedding_key not in features:
+        raise DataConfigError(
+            f"config field 'condition.embedding_key' = {embedding_key!r}: dataset '{name}' has "
+            f"no such feature; it has {sorted(features.keys())}"
+        )
+    feature = features[embedding_key]
+    shape = tuple(getattr(feature, "shape", ()) or ())
+    dtype = getattr(feature, "np_dtype", None)
+    if (
+        dtype is None
+        or not np.issubdtype(dtype, np.floating)
+        or len(shape) not in (1, 2)
+        or any(d is None or d <= 0 for d in shape)
+    ):
+        raise DataConfigError(
+            f"config field 'condition.embedding_key' = {embedding_key!r}: feature "
+            f"'{embedding_key}' of dataset '{name}' is {type(feature).__name__} of shape {shape} "
+            f"dtype {dtype}; expected a float Tensor of fixed shape (D,) or (L, D)"
+        )
+    return tuple(int(d) for d in shape)
+
+
+def check_embeddings(name, embeddings: np.ndarray, shape) -> np.ndarray:
+    """Embeddings read from dataset ``name``, (n, *shape) and finite, as float32."""
+    if embeddings.shape[1:] != tuple(shape):
+        raise ValueError(
+            f"dataset '{name}': read embeddings of shape {embeddings.shape[1:]}, expected "
+            f"{tuple(shape)}"
+        )
+    embeddings = embeddings.astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise ValueError(f"dataset '{name}': embeddings hold non-finite values (NaN or inf)")
+    return embeddings
 
 
 def _image_shape(name, features, image_key) -> tuple:

@@ -40,23 +40,27 @@ def reconstruct_fn(trained):
     def reconstruct(params, x):
         x = resize(x, size)  # (B, S, S, C)
         vae = run.ctx.module("vae", params)
-        return x, vae.decode(vae.encode(x).mode())
+        z = vae.encode(x).mode()  # (B, h, w, c)
+        return x, vae.decode(z), z
 
     return jax.jit(reconstruct)
 
 
-def reconstruct_all(trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(originals, reconstructions) at the autoencoder's size, in batches padded to BATCH."""
+def reconstruct_all(trained, images: np.ndarray, with_latents: bool = False):
+    """(originals, reconstructions[, latents: the posterior means]) at the autoencoder's size,
+    in batches padded to BATCH."""
     fn = reconstruct_fn(trained)
-    originals, recs = [], []
+    originals, recs, latents = [], [], []
     for start in range(0, len(images), BATCH):
         chunk = images[start : start + BATCH]
         n = len(chunk)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], BATCH - n, axis=0)])
-        x, r = fn(trained.params, padded)
+        x, r, z = fn(trained.params, padded)
         originals.append(np.asarray(x)[:n])
         recs.append(np.asarray(r)[:n])
-    return np.concatenate(originals), np.clip(np.concatenate(recs), -1.0, 1.0)
+        latents.append(np.asarray(z)[:n])
+    out = (np.concatenate(originals), np.clip(np.concatenate(recs), -1.0, 1.0))
+    return (*out, np.concatenate(latents)) if with_latents else out
 
 
 def inverse_resize_matrix(small: int, large: int) -> np.ndarray:
@@ -102,7 +106,7 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     )
     test = classifier_lib.read_all(test_source)
     images, labels = test["image"], test["label"]  # (N, h, w, C) in [-1, 1]
-    originals, recs = reconstruct_all(trained, images)
+    originals, recs, latents = reconstruct_all(trained, images, with_latents=True)
     shape = tuple(test_source.info.image_shape)
     small = to_data_size(recs, shape)
     rec_features = clf.features(small)
@@ -124,6 +128,9 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
         "fd_heldout_vs_train": features_frechet_distance(test_features, train_features),
         "accuracy_reconstructions": clf.accuracy(small, labels),
         "accuracy_originals": clf.accuracy(images, labels),
+        # LDM's scale factor makes the latents about unit variance (ldm.scale_factor).
+        "latent_std": float(np.std(latents)),
+        "suggested_scale_factor": float(1.0 / np.std(latents)),
         "classifier_accuracy": clf.test_accuracy,
         "classifier_steps": cfg.eval.classifier_steps,
     }
@@ -165,5 +172,7 @@ def format_report(d: dict) -> str:
             f"(held-out originals vs train: {d['fd_heldout_vs_train']:.3f})",
             f"classifier accuracy: reconstructions {d['accuracy_reconstructions']:.4f}, "
             f"originals {d['accuracy_originals']:.4f}",
+            f"latent std {d['latent_std']:.4f}: latent diffusion on it takes "
+            f"ldm.scale_factor = 1/std = {d['suggested_scale_factor']:.4f}",
         ]
     )

@@ -34,6 +34,7 @@ log = logging.getLogger("diffusax")
 
 SAMPLE_KEY = 20_000_003  # fold-in constants: eval draws its own samples and bound noise
 BOUND_KEY = 20_000_011
+ATTRIBUTE_KEY = 20_000_017
 MAX_BOUND_BATCH = 128
 
 
@@ -163,15 +164,21 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
 
     t = time.time()
     key = jax.random.key(cfg.seed)
-    samples, sample_labels = inference.draw_samples(
+    samples, asked = inference.draw_conditioned(
         trained, cfg.eval.num_samples, jax.random.fold_in(key, SAMPLE_KEY)
     )
+    sample_labels = asked.get("labels")
     bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
     if bad:
         raise ValueError(
             f"{bad} of {len(samples)} samples of the checkpoint at step {trained.step} in "
             f"{workdir} contain NaN or inf; the model (or the sampler settings) diverged"
         )
+    data_shape = tuple(test_source.info.image_shape)
+    if samples.shape[1:] != data_shape:  # a latent model's autoencoder works at another size
+        from diffusax.evaluate.reconstruction import to_data_size
+
+        samples = to_data_size(samples, data_shape)
     samples = quantize(samples, cfg.data.num_levels)  # (N, H, W, C)
     timings["sampling"] = time.time() - t
 
@@ -201,10 +208,27 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     }
     if sample_labels is not None:
         metrics["class_accuracy"] = clf.accuracy(samples, sample_labels)
+    if "prompts" in asked and sample_labels is not None:  # by how the prompt names the class
+        predicted = clf.predict(samples)
+        numeral = np.array([any(ch.isdigit() for ch in p) for p in asked["prompts"]])
+        for name, rows in (("numeral", numeral), ("word", ~numeral)):
+            if rows.any():
+                hits = predicted[rows] == sample_labels[rows]
+                metrics[f"class_accuracy_{name}_prompts"] = float(np.mean(hits))
     timings["frechet"] = time.time() - t
+    if trained.run is not None and cfg.condition.kind == "text":
+        from diffusax.evaluate import conditional
+
+        t = time.time()
+        metrics["attributes"] = conditional.attribute_agreement(
+            trained, clf, data_shape, jax.random.fold_in(key, ATTRIBUTE_KEY)
+        )
+        timings["attributes"] = time.time() - t
 
     t = time.time()
     num_bpd = min(cfg.eval.bpd_examples, len(test_source))
+    if trained.run is not None and not trained.run.method.pixel_bound:
+        num_bpd = 0  # the model's bound is not one on the data (a latent model's)
     if num_bpd:
         rows = _subset(len(test_source), num_bpd, cfg.seed + 1)
         bpd = bits_per_dim(
@@ -276,6 +300,18 @@ def format_report(d: dict) -> str:
         )
     if "class_accuracy" in d:
         lines.append(f"  class accuracy of the samples: {100 * d['class_accuracy']:.1f}%")
+    for name in ("word", "numeral"):
+        if f"class_accuracy_{name}_prompts" in d:
+            lines.append(
+                f"    prompts naming the class by its {name}: "
+                f"{100 * d[f'class_accuracy_{name}_prompts']:.1f}%"
+            )
+    for row in d.get("attributes", {}).get("rows", []):
+        lines.append(
+            f"  attribute {row['attribute']} {row['asked']:+d} ({row['example_prompt']!r}, "
+            f"n={row['num_samples']}): measured as asked {100 * row['agreement']:.1f}% "
+            f"(chance {100 * row['chance']:.1f}%), the opposite {100 * row['opposite']:.1f}%"
+        )
     if "bpd" in d:
         lines.append(
             f"  bits/dim on {d['bpd_examples']} held-out images (variational bound): "

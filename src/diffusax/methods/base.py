@@ -10,6 +10,7 @@ checkpoints, inference, `make info` and the benchmarks ask it, through ``train.b
     validate(cfg)                              its own config fields (ConfigError naming one)
     sample_params(state, frozen)               what inference samples or evaluates with
     make_sampler(run, sample_cfg)              its sampler (None: it draws no samples)
+    sample_conditions(run, num, sample_cfg)    the labels / prompts / embeddings it samples
     evaluate(cfg, workdir), format_report(r)   `make eval`
 
 A trainable group is a whole network or a subset of one network's parameters (the LoRA case:
@@ -96,6 +97,9 @@ class Method:
     # The config sections whose fields shape the networks' parameters: a resume that changes
     # one of them is refused, naming it (``config.digest_fields``).
     param_sections: tuple[str, ...] = ("model",)
+    # `make eval` reports bits/dim from the model's variational bound on the data (a pixel
+    # diffusion model); a latent model's bound is on latents, so it reports none.
+    pixel_bound: bool = True
 
     def validate(self, cfg) -> None:
         """ConfigError naming the field for a config this method cannot run."""
@@ -127,6 +131,14 @@ class Method:
         with ``sample_cfg``'s settings, or None for a method that draws no samples (the loop
         then writes no sample grid)."""
         return None
+
+    def sample_conditions(self, run, num: int, sample_cfg):
+        """(the conditions of ``num`` samples for ``make_sampler``'s generate, or None; a dict
+        of what they were: ``labels`` and/or ``prompts`` arrays, written beside samples)."""
+        from diffusax.methods.ddpm import sample_labels
+
+        labels = sample_labels(num, run.data.num_classes, sample_cfg.label)
+        return labels, ({} if labels is None else {"labels": labels})
 
     def evaluate(self, cfg, workdir: str) -> dict:
         """`make eval`: the method's metrics of the run in ``workdir`` (also written to disk)."""

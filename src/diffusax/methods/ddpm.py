@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax import diffusion, losses, parallel, sampling, schedules
+from diffusax import conditions, diffusion, losses, parallel, sampling, schedules
+from diffusax.config import ConfigError
 from diffusax.methods import base
 
 
@@ -20,10 +21,14 @@ class DDPM(base.Method):
 
     name = "ddpm"
 
+    def validate(self, cfg):
+        validate_condition(cfg)
+
     def networks(self, cfg, data):
         from diffusax.train.state import model_builder
 
-        return {"model": base.Network(build=model_builder(cfg, data.image_shape, data.num_classes))}
+        build = model_builder(cfg, data.image_shape, data.num_classes, condition_of(cfg, data))
+        return {"model": base.Network(build=build)}
 
     def groups(self, cfg):
         return {"model": base.Group("model", optim="optim")}
@@ -32,7 +37,13 @@ class DDPM(base.Method):
         return {"ema": base.Ema("model", cfg.optim.ema_decay)}
 
     def updates(self, cfg, ctx):
-        loss = make_loss(cfg, ctx.apply_fn("model"), make_schedule(cfg), ctx.data.num_classes)
+        loss = make_loss(
+            cfg,
+            ctx.apply_fn("model"),
+            make_schedule(cfg),
+            ctx.data.num_classes,
+            condition_of(cfg, ctx.data),
+        )
         return [
             base.GradUpdate(
                 "model", lambda params, frozen, batch, key: loss(params["model"], batch, key)
@@ -54,7 +65,11 @@ class DDPM(base.Method):
             run.data.image_shape,
             sample_cfg=sample_cfg,
             mesh=run.mesh,
+            condition=condition_of(run.cfg, run.data),
         )
+
+    def sample_conditions(self, run, num, sample_cfg):
+        return sample_conditions(run.cfg, run.data, num, sample_cfg)
 
     def describe_sampler(self, cfg):
         s = cfg.sample
@@ -77,7 +92,14 @@ class DDPM(base.Method):
             build = model_builder(unrolled, spec.image_shape, spec.num_classes)
         abstract = nnx.eval_shape(lambda: build(run.init_key))
         graphdef = model_graphdef(build, run.init_key)
-        flops = models.forward_flops(graphdef, abstract, spec.image_shape, spec.num_classes)
+        y = None
+        cond = condition_of(cfg, spec)
+        if cond is not None:  # one example's condition, as the network takes it
+            y = jax.tree.map(
+                lambda n: jax.ShapeDtypeStruct((1, *np.shape(n)), np.asarray(n).dtype),
+                cond.null_row(),
+            )
+        flops = models.forward_flops(graphdef, abstract, spec.image_shape, spec.num_classes, y)
         return {"model": flops}
 
     def describe(self, cfg):
@@ -96,7 +118,7 @@ def make_schedule(cfg) -> schedules.Schedule:
     return schedules.schedule_from_config(d.schedule, d.num_timesteps, **kwargs)
 
 
-def make_loss(cfg, apply_fn, sched, num_classes):
+def make_loss(cfg, apply_fn, sched, num_classes, condition=None):
     """loss(params, batch, key) -> (loss, metrics): the denoising loss of ``cfg.diffusion``."""
     d = cfg.diffusion
     return losses.make_diffusion_loss(
@@ -108,6 +130,7 @@ def make_loss(cfg, apply_fn, sched, num_classes):
         min_snr_gamma=d.min_snr_gamma or None,
         label_drop_prob=d.label_drop_prob,
         null_label=num_classes if cfg.model.class_conditional else None,
+        condition=condition,
     )
 
 
@@ -120,7 +143,18 @@ def sample_labels(num: int, num_classes: int | None, label: int = -1):
     return (np.arange(num) % num_classes).astype(np.int32)
 
 
-def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=None, mesh=None):
+def make_generate(
+    cfg,
+    apply_fn,
+    sched,
+    num_classes,
+    image_shape,
+    *,
+    sample_cfg=None,
+    mesh=None,
+    condition=None,
+    clip: bool = True,
+):
     """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
 
     ``sample_cfg`` (default ``cfg.sample``) chooses the sampler, its step count and spacing, η,
@@ -131,6 +165,9 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
     devices (the batch size must divide evenly); without, replicated parameters would make every
     device compute the whole batch. Latent models (``latents.dir``) sample latents, which are
     decoded to images by the shards' VAE (``latents.make_decoder``) before they are returned.
+    With a ``condition`` (``conditions.Condition``), ``labels`` is that condition's batch (a
+    pytree: caption tokens and mask, or embeddings) and guidance pairs it with its null.
+    ``clip=False`` returns the samples unclipped (latents, decoded by the caller).
     """
     decode = None
     if cfg.latents.dir:
@@ -140,13 +177,15 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
     s = sample_cfg or cfg.sample
     d = cfg.diffusion
     learned = d.var_type in diffusion.LEARNED_VAR_TYPES
-    conditional = cfg.model.class_conditional
+    conditional = cfg.model.class_conditional or condition is not None
 
     def generate(params, labels, key):
         net = lambda x, t, y: apply_fn(params, x, t, y)
         if conditional and s.guidance_scale != 1.0:
             null = num_classes
-            if jnp.issubdtype(labels.dtype, jnp.floating):  # label weights: a one-hot null
+            if condition is not None:
+                null = condition.null_row()
+            elif jnp.issubdtype(labels.dtype, jnp.floating):  # label weights: a one-hot null
                 null = jax.nn.one_hot(num_classes, num_classes + 1, dtype=labels.dtype)
             net = sampling.classifier_free_guidance(
                 net,
@@ -156,7 +195,8 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
                 guided_channels=None if s.guided_channels == -1 else s.guided_channels,
             )
         model_fn = sampling.bind_condition(net, labels)
-        shape = (labels.shape[0] if labels is not None else s.batch_size, *image_shape)
+        rows = conditions.batch_size_of(labels) if labels is not None else s.batch_size
+        shape = (rows, *image_shape)
         x_T = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
         if mesh is not None:
             x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
@@ -174,7 +214,8 @@ def make_generate(cfg, apply_fn, sched, num_classes, image_shape, *, sample_cfg=
             clip_x0=s.clip_x0 or None,
             x_T=x_T,
         )
-        return x if decode else jnp.clip(x, -1.0, 1.0)  # latents are not in [-1, 1]
+        # latents are not in [-1, 1]
+        return x if (decode or not clip) else jnp.clip(x, -1.0, 1.0)
 
     if decode is None:
         return jax.jit(generate)
@@ -187,24 +228,136 @@ def padded_batch_size(batch_size: int, num_devices: int) -> int:
     return -(-batch_size // num_devices) * num_devices
 
 
-def generate_many(generate, params, num: int, batch_size: int, num_classes, key, label=-1):
+def generate_many(
+    generate, params, num: int, batch_size: int, num_classes, key, label=-1, conditions=None
+):
     """Draw ``num`` samples in batches of ``batch_size``; returns (images, labels) as numpy.
 
     Every call has the same batch size (the last batch's labels are padded), so the sampler
-    compiles once.
+    compiles once. ``conditions`` (a condition batch of ``num`` rows, numpy: see
+    ``sample_conditions``) replaces the labels; ``labels`` is then returned as None.
     """
-    labels = sample_labels(num, num_classes, label)
+    labels = sample_labels(num, num_classes, label) if conditions is None else conditions
     images = []
     for i, start in enumerate(range(0, num, batch_size)):
         batch_labels = None
         if labels is not None:
-            chunk = labels[start : start + batch_size]
-            batch_labels = jnp.asarray(
-                np.resize(chunk, batch_size) if chunk.size < batch_size else chunk
-            )
+
+            def rows(v):
+                chunk = np.asarray(v)[start : start + batch_size]
+                return jnp.asarray(_pad_rows(chunk, batch_size))
+
+            batch_labels = jax.tree.map(rows, labels)
         out = generate(params, batch_labels, jax.random.fold_in(key, i))
         images.append(parallel.to_host(out)[: min(batch_size, num - start)])
-    return np.concatenate(images), labels
+    return np.concatenate(images), (labels if conditions is None else None)
+
+
+def _pad_rows(chunk, rows: int):
+    """``chunk`` with its rows repeated cyclically up to ``rows`` (as ``np.resize`` does for
+    a vector)."""
+    if len(chunk) >= rows:
+        return chunk
+    return chunk[np.arange(rows) % len(chunk)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions (``conditions``): condition.kind = label | text | embedding
+
+
+def condition_of(cfg, data):
+    """The run's ``conditions.Condition`` (None: the network's own class labels, if any)."""
+    return conditions.from_config(cfg, data.dataset_classes)
+
+
+def validate_condition(cfg) -> None:
+    """ConfigError naming the field for a condition this config cannot train or sample with."""
+    kind = cfg.condition.kind
+    if kind == "embedding" and len(tuple(cfg.condition.embedding_shape)) not in (1, 2):
+        raise ConfigError(
+            f"config field 'condition.embedding_shape' must be (D,) or (L, D) for "
+            f"condition.kind='embedding', got {tuple(cfg.condition.embedding_shape)}"
+        )
+    if kind == "text":
+        t = cfg.text
+        for name in ("context_length", "width", "layers", "heads"):
+            if not t[name] > 0:
+                raise ConfigError(f"config field 'text.{name}' must be > 0, got {t[name]!r}")
+        if t.width % t.heads:
+            raise ConfigError(
+                f"config field 'text.heads' ({t.heads}) must divide text.width ({t.width})"
+            )
+        _check_captions_fit(cfg)
+        prompts = split_prompts(cfg.sample.prompt)
+        if prompts:
+            encode_prompts(cfg, prompts)
+    elif cfg.sample.prompt:
+        raise ConfigError(
+            f"config field 'sample.prompt' needs a text-conditional model (condition.kind="
+            f"'text'), not condition.kind={kind!r}"
+        )
+
+
+def split_prompts(prompt: str) -> list[str]:
+    """``sample.prompt``: one prompt, or several separated by "|"."""
+    return [p.strip() for p in prompt.split("|")] if prompt.strip() else []
+
+
+def encode_prompts(cfg, prompts):
+    """(tokens, mask) of ``prompts``; ConfigError naming 'sample.prompt' for an unknown word or
+    character, or a prompt longer than the text encoder's context."""
+    tok = conditions.tokenizer_from_config(cfg)
+    try:
+        return tok.encode(prompts, cfg.text.context_length, field="sample.prompt")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_captions_fit(cfg) -> None:
+    """Every training caption must fit the text encoder's context."""
+    from diffusax.data import captioned
+
+    tok = conditions.tokenizer_from_config(cfg)
+    try:
+        tok.encode(captioned.random_captions(), cfg.text.context_length, field="text.captions")
+    except ValueError as e:
+        raise ConfigError(
+            f"config field 'text.context_length' ({cfg.text.context_length}) is too short for "
+            f"the {cfg.text.captions} captions: {e}"
+        ) from e
+
+
+def sample_conditions(cfg, data, num: int, sample_cfg):
+    """(the condition batch of ``num`` samples or None, {"labels": ..., "prompts": ...}).
+
+    Labels: ``sample.label``, or the classes in turn. Text: ``sample.prompt`` (cycled), or
+    prompts naming the requested classes (``captions.class_prompts``, their phrasings in turn).
+    """
+    cond = condition_of(cfg, data)
+    classes = data.dataset_classes if cond is not None else data.num_classes
+    labels = sample_labels(num, classes, sample_cfg.label)
+    if cond is None or cond.kind == "label":
+        return labels, ({} if labels is None else {"labels": labels})
+    if cond.kind == "text":
+        from diffusax.data import captions
+
+        prompts = split_prompts(sample_cfg.prompt)
+        meta = {}
+        if prompts:
+            prompts = [prompts[i % len(prompts)] for i in range(num)]
+        else:
+            prompts = []
+            for i, label in enumerate(labels):
+                options = captions.class_prompts(int(label))
+                prompts.append(options[(i // classes) % len(options)])
+            meta["labels"] = labels
+        tokens, mask = encode_prompts(cfg, prompts)
+        meta["prompts"] = np.asarray(prompts)
+        return {"tokens": tokens, "mask": mask}, meta
+    raise ConfigError(
+        "sampling an embedding-conditioned model needs the embeddings: pass them to "
+        "methods.generate_many(conditions=...) (make sample cannot invent them)"
+    )
 
 
 base.register(DDPM())

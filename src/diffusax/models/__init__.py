@@ -74,12 +74,48 @@ def _build_dit(model_cfg, *, height, channels, out_channels, num_classes, learne
     )
 
 
+def _build_unet_cond(model_cfg, *, height, channels, out_channels, num_classes, learned, rngs):
+    raise ValueError(
+        "model.name='unet_cond' (the cross-attention U-Net) needs a condition: set "
+        "condition.kind to label, text or embedding"
+    )
+
+
+def _build_unet_cond_with(
+    model_cfg, *, height, channels, out_channels, num_classes, learned, rngs, conditioning
+):
+    from diffusax.models.conditioned import ConditionedUNet
+
+    levels = len(model_cfg.ch_mult)
+    unet_kwargs = dict(
+        in_channels=channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(model_cfg.ch * m for m in model_cfg.ch_mult),
+        layers_per_block=model_cfg.num_res_blocks,
+        attention_levels=tuple(
+            height // 2**i in tuple(model_cfg.attn_resolutions) for i in range(levels)
+        ),
+        transformer_layers=model_cfg.transformer_layers,
+        num_heads=model_cfg.num_heads,
+        use_linear_projection=model_cfg.linear_projection,
+        norm_num_groups=min(32, model_cfg.ch),
+        dropout=model_cfg.dropout,
+        remat=model_cfg.remat,
+    )
+    return ConditionedUNet(
+        unet_kwargs=unet_kwargs, dtype=DTYPES[model_cfg.dtype], rngs=rngs, **conditioning
+    )
+
+
 # The denoising network families `config.model.name` chooses from:
 # name -> (builder, (model_cfg -> (the factor the image side must divide by, why))).
 FAMILIES = {
     "unet": (_build_unet, _unet_side_factor),
     "dit": (_build_dit, _dit_side_factor),
+    "unet_cond": (_build_unet_cond, _unet_side_factor),
 }
+# Families that take a condition encoder (``conditions``): built with ``conditioning=`` kwargs.
+CONDITIONED = {"unet_cond": _build_unet_cond_with}
 
 
 def _family(model_cfg):
@@ -99,13 +135,24 @@ def check_image_shape(model_cfg, image_shape: tuple) -> None:
         raise ValueError(f"{why}; the data has {height}x{width}")
 
 
-def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, rngs: nnx.Rngs):
-    """The network named by ``model_cfg.name`` for images of ``image_shape`` (H, W, C)."""
+def build_model(
+    model_cfg,
+    *,
+    image_shape,
+    num_classes,
+    learned_variance: bool,
+    rngs: nnx.Rngs,
+    conditioning: dict | None = None,
+):
+    """The network named by ``model_cfg.name`` for images of ``image_shape`` (H, W, C).
+
+    ``conditioning`` (``conditions.encoder_kwargs``): the condition encoder of a family in
+    ``CONDITIONED``; None builds the family's own class conditioning (``num_classes``).
+    """
     check_image_shape(model_cfg, tuple(image_shape))
     height, _, channels = image_shape
     out_channels = 2 * channels if learned_variance else channels
-    return _family(model_cfg)[0](
-        model_cfg,
+    kwargs = dict(
         height=height,
         channels=channels,
         out_channels=out_channels,
@@ -113,6 +160,14 @@ def build_model(model_cfg, *, image_shape, num_classes, learned_variance: bool, 
         learned=learned_variance,
         rngs=rngs,
     )
+    if conditioning is not None:
+        if model_cfg.name not in CONDITIONED:
+            raise ValueError(
+                f"model.name={model_cfg.name!r} takes no condition encoder (condition.kind); "
+                f"choose one of {list(CONDITIONED)}"
+            )
+        return CONDITIONED[model_cfg.name](model_cfg, conditioning=conditioning, **kwargs)
+    return _family(model_cfg)[0](model_cfg, **kwargs)
 
 
 def make_apply_fn(graphdef):
@@ -129,7 +184,7 @@ def make_apply_fn(graphdef):
     return apply_fn
 
 
-def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float | None:
+def forward_flops(graphdef, abstract_model, image_shape, num_classes, y=None) -> float | None:
     """FLOPs of one forward pass on one example, from XLA's cost analysis (nothing is run).
 
     The lowered program's analysis is used where the backend gives one (CPU does); otherwise
@@ -140,7 +195,8 @@ def forward_flops(graphdef, abstract_model, image_shape, num_classes) -> float |
     params = nnx.state(abstract_model)
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes else None
+    if y is None:  # else: the condition of one example, as ShapeDtypeStructs
+        y = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes else None
     apply_fn = make_apply_fn(graphdef)
     lowered = jax.jit(lambda p, x, t, y: apply_fn(p, x, t, y)).lower(params, x, t, y)
     flops = _flops_of(lowered.cost_analysis())

@@ -2,15 +2,26 @@
 
 A DiT cuts the (latent) image into p x p patches, embeds each as a token, adds fixed 2-D
 sin-cos position embeddings and runs a stack of adaLN-Zero transformer blocks conditioned on
-c = embed(t) + embed(y). A final adaLN layer maps every token back to a p x p patch; with a
-learned sigma the output has 2C channels: ε and the variance interpolation v of Improved DDPM
-(`diffusion.p_mean_variance(var_type="learned_range")`), trained with the hybrid loss.
+c = embed(t) + embed(y) (+ embed(pooled), see below). A final adaLN layer maps every token back
+to a p x p patch; with a learned sigma the output has 2C channels: ε and the variance
+interpolation v of Improved DDPM (`diffusion.p_mean_variance(var_type="learned_range")`),
+trained with the hybrid loss.
 
 One table, `VARIANTS`, gives the paper's twelve models, S/B/L/XL at patch 2/4/8:
 
     model = DiT(variant="XL/2", rngs=nnx.Rngs(0))       # 32x32x4 latents, 1000 classes
     out = model(x, t, y)                                 # x (B, 32, 32, 4) -> (B, 32, 32, 8)
     out = model(x, t, y, dropout_key=key)                # training: label dropout on
+
+Pooled conditioning. With `pooled_dim` set, a vector per example (e.g. a text encoder's pooled
+output, (B, pooled_dim)) passes through an MLP like the timestep embedder's (Linear -> SiLU ->
+Linear, normal(0.02) init) and is added to c, beside the class label:
+
+    model = DiT(variant="B/2", num_classes=None, pooled_dim=768, rngs=nnx.Rngs(0))
+    out = model(x, t, pooled=text_pooled)                # text_pooled (B, 768)
+
+The pooled embedder is built after every other module, so a DiT with pooled_dim draws the
+same weights as one without for the same Rngs; without pooled_dim nothing changes.
 
 Label dropout. The paper trains one network for classifier-free guidance by replacing each label
 with the null class (row `num_classes` of the label table) with probability 0.1 inside the
@@ -223,6 +234,18 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # (B, T, D)
 
 
+class PooledEmbedder(nnx.Module):
+    """pooled (B, P) -> MLP(pooled): Linear(P, D) -> SiLU -> Linear(D, D), normal(0.02) init,
+    as the timestep embedder's MLP."""
+
+    def __init__(self, pooled_dim: int, hidden: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.mlp_1 = _linear(pooled_dim, hidden, dtype=dtype, rngs=rngs, init=embed_init)
+        self.mlp_2 = _linear(hidden, hidden, dtype=dtype, rngs=rngs, init=embed_init)
+
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        return self.mlp_2(nnx.silu(self.mlp_1(pooled))).astype(jnp.float32)  # (B, D)
+
+
 class DiTBlock(nnx.Module):
     """adaLN-Zero block (DiT Fig. 3), c = embed(t) + embed(y):
 
@@ -295,7 +318,10 @@ class DiT(nnx.Module):
       input_size: side of the square input (latent) image; must be a multiple of `patch`.
       in_channels: channels of the input (4 for Stable Diffusion latents).
       num_classes: size of the label set; the label table has num_classes + 1 rows, the last
-        being the null label used for classifier-free guidance. None: unconditional.
+        being the null label used for classifier-free guidance. None: no labels.
+      pooled_dim: width of a pooled condition vector `pooled` (B, pooled_dim) whose MLP
+        embedding is added to the conditioning vector c (see the module docstring). None: no
+        pooled input.
       learn_sigma: output 2C channels, ε then the variance interpolation (var_type
         "learned_range"); otherwise C.
       mlp_ratio: MLP width / hidden width.
@@ -323,6 +349,7 @@ class DiT(nnx.Module):
         input_size: int = 32,
         in_channels: int = 4,
         num_classes: int | None = 1000,
+        pooled_dim: int | None = None,
         learn_sigma: bool = True,
         mlp_ratio: float = 4.0,
         class_dropout_prob: float = 0.1,
@@ -339,6 +366,10 @@ class DiT(nnx.Module):
         _check_config(
             sizes["patch"], input_size, in_channels, num_classes, mlp_ratio, class_dropout_prob
         )
+        if pooled_dim is not None and (
+            not isinstance(pooled_dim, int) or isinstance(pooled_dim, bool) or pooled_dim < 1
+        ):
+            raise ValueError(f"pooled_dim must be None or a positive int, got {pooled_dim!r}")
         self.depth, self.hidden, self.heads, self.patch = (
             sizes["depth"],
             sizes["hidden"],
@@ -350,6 +381,7 @@ class DiT(nnx.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
         self.num_classes = num_classes
+        self.pooled_dim = pooled_dim
         self.class_dropout_prob = class_dropout_prob
         self.scan_blocks = scan_blocks
         self.remat = remat
@@ -383,6 +415,12 @@ class DiT(nnx.Module):
                 ]
             )
         self.final_layer = FinalLayer(d, p * p * self.out_channels, dtype=dtype, rngs=rngs)
+        # Last, so the other modules draw the same weights with or without it.
+        self.pooled_embedder = (
+            PooledEmbedder(pooled_dim, d, dtype=dtype, rngs=rngs)
+            if pooled_dim is not None
+            else None
+        )
 
     def __call__(
         self,
@@ -390,9 +428,11 @@ class DiT(nnx.Module):
         t: jax.Array,
         y: jax.Array | None = None,
         *,
+        pooled: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """x: (B, H, W, in_channels) with H = W = input_size, t: (B,) or scalar, y: (B,) labels.
+        """x: (B, H, W, in_channels) with H = W = input_size, t: (B,) or scalar, y: (B,) labels,
+        pooled: (B, pooled_dim) float, required when the DiT has pooled_dim and refused otherwise.
 
         Returns (B, H, W, out_channels) float32. With `dropout_key`, labels are replaced by the
         null label with probability `class_dropout_prob`; y=None means the null label. y may also
@@ -400,6 +440,7 @@ class DiT(nnx.Module):
         weighted sum of the table's rows (`layers.embed_labels`; label interpolation).
         """
         t, y = self._check_inputs(x, t, y)
+        pooled = self._check_pooled(pooled, x.shape[0])
         _, height, width, _ = x.shape
         pos = sincos_pos_embed_2d(self.hidden, height // self.patch)  # (T, D)
         h = self.x_embedder(patchify(x, self.patch))  # (B, T, D)
@@ -411,6 +452,8 @@ class DiT(nnx.Module):
                     raise ValueError("label dropout (a dropout_key) needs integer labels y")
                 y = drop_labels(y, dropout_key, self.class_dropout_prob, self.num_classes)
             c = c + embed_labels(self.y_embedder, y).astype(jnp.float32)  # (B, D)
+        if self.pooled_embedder is not None:
+            c = c + self.pooled_embedder(pooled)  # (B, D)
         h = self._run_blocks(h, c)  # (B, T, D)
         h = self.final_layer(h, c)  # (B, T, p*p*out_channels)
         return unpatchify(h, self.patch, height, width).astype(jnp.float32)  # (B, H, W, out)
@@ -460,6 +503,27 @@ class DiT(nnx.Module):
             return t, jnp.full((b,), self.num_classes, jnp.int32)  # the null label
         return t, check_labels(y, b, self.num_classes, "DiT")
 
+    def _check_pooled(self, pooled, batch: int):
+        """``pooled`` as a (B, pooled_dim) float array, or None without pooled_dim."""
+        if self.pooled_dim is None:
+            if pooled is not None:
+                raise ValueError("pooled given but the DiT was built with pooled_dim=None")
+            return None
+        if pooled is None:
+            raise ValueError(
+                f"the DiT was built with pooled_dim={self.pooled_dim}: pass pooled, "
+                f"shape (B, {self.pooled_dim})"
+            )
+        pooled = jnp.asarray(pooled)
+        if pooled.shape != (batch, self.pooled_dim) or not jnp.issubdtype(
+            pooled.dtype, jnp.floating
+        ):
+            raise ValueError(
+                f"pooled must be (B, pooled_dim)=({batch}, {self.pooled_dim}) float, got "
+                f"{pooled.shape} {pooled.dtype}"
+            )
+        return pooled
+
 
 def _check_config(patch, input_size, in_channels, num_classes, mlp_ratio, class_dropout_prob):
     """Reject a configuration that cannot build a DiT, naming the argument."""
@@ -487,6 +551,7 @@ def dit_flops(
     *,
     learn_sigma: bool = True,
     mlp_ratio: float = 4.0,
+    pooled_dim: int | None = None,
 ) -> int:
     """Multiply-adds of one forward pass on one example: the DiT paper's "Gflops" × 1e9.
 
@@ -496,6 +561,7 @@ def dit_flops(
         L · (T·(4D² + 2MD) + 2T²D + 6D²)     blocks: qkv + proj, MLP, q kᵀ and a·v, adaLN
       + T·p²·C_in·D + T·D·p²·C_out + 2D²     patch embedding, final projection, final adaLN
       + 256·D + D²                           timestep MLP
+      + P·D + D²                             pooled MLP (only with pooled_dim = P)
 
     Normalisation, activations, softmax and the label lookup are not multiply-adds of
     matrices and are left out. For 256x256 images (32x32x4 latents) this reproduces the
@@ -511,4 +577,6 @@ def dit_flops(
     block = tokens * (4 * d * d + 2 * inner * d) + 2 * tokens * tokens * d + 6 * d * d
     embed = tokens * p * p * in_channels * d + FREQUENCY_EMBEDDING_SIZE * d + d * d
     final = tokens * d * p * p * c_out + 2 * d * d
+    if pooled_dim is not None:
+        embed += pooled_dim * d + d * d
     return depth * block + embed + final

@@ -164,7 +164,9 @@ class Run:
                     initial = jax.jit(self._frozen_from_init)(self.init_key)
                 trees[name] = initial[name]
                 continue
-            loaded = net.load()
+            loaded = _match_keys(
+                net.load(), abstract[name] if name not in self.ctx.subsets else None
+            )
             if name in self.ctx.subsets:
                 loaded = split_tree(loaded, self.ctx.subsets[name])[1]
             _check_frozen_shapes(name, net.source, loaded, abstract[name])
@@ -242,6 +244,19 @@ def digest(tree) -> str:
     return h.hexdigest()
 
 
+def _match_keys(loaded, abstract):
+    """``loaded`` with the integer keys of ``abstract`` (a checkpoint read without a target
+    gives the list indices of an nnx.List as strings: "0" for 0)."""
+    if abstract is None or not isinstance(loaded, dict) or not isinstance(abstract, dict):
+        return loaded
+    out = {}
+    for key, value in loaded.items():
+        if isinstance(key, str) and key.isdigit() and int(key) in abstract:
+            key = int(key)
+        out[key] = _match_keys(value, abstract.get(key))
+    return out
+
+
 def _check_frozen_shapes(name, source, loaded, abstract) -> None:
     want = {jax.tree_util.keystr(p): (tuple(x.shape), x.dtype) for p, x in _flat(abstract)}
     got = {
@@ -285,9 +300,24 @@ def open_data(cfg, *, require_data: bool = True):
         return None, _declared_spec(cfg, str(e))
     info = source.info
     _check_declared(cfg, tuple(info.image_shape), info.num_classes)
-    classes = info.num_classes if cfg.model.class_conditional else None
+    if cfg.condition.kind == "text":  # batches carry captions, tokenized
+        source = _captioned(cfg, source)
+    conditional = cfg.model.class_conditional or cfg.condition.kind == "label"
+    classes = info.num_classes if conditional else None
     spec = DataSpec(cfg.data.name, tuple(info.image_shape), classes, info.num_classes, info)
     return source, spec
+
+
+def _captioned(cfg, source):
+    from diffusax import conditions
+    from diffusax.data.captioned import CaptionedSource
+
+    try:
+        return CaptionedSource(
+            source, conditions.tokenizer_from_config(cfg), cfg.text.context_length
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config field 'condition.kind' is 'text': {e}") from e
 
 
 def _declared_spec(cfg, why: str) -> DataSpec:
@@ -297,7 +327,8 @@ def _declared_spec(cfg, why: str) -> DataSpec:
             f"the data is not there ({why}), and the config declares no shape to describe the "
             f"run without it: set data.image_shape=(H, W, C) (and data.num_classes)"
         )
-    model_classes = classes if cfg.model.class_conditional else None
+    conditional = cfg.model.class_conditional or cfg.condition.kind == "label"
+    model_classes = classes if conditional else None
     return DataSpec(cfg.data.name, shape, model_classes, classes, None, missing=why)
 
 

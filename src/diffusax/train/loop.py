@@ -279,6 +279,7 @@ def _write_grid(run, grid_cfg, generate, state, workdir, step):
         return
     num_classes = run.data.num_classes
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step or 0)
+    conditions, meta = run.method.sample_conditions(run, cfg.train.grid_samples, grid_cfg)
     images, _ = methods.generate_many(
         generate,
         run.sample_params(state),
@@ -286,7 +287,9 @@ def _write_grid(run, grid_cfg, generate, state, workdir, step):
         grid_cfg.batch_size,
         num_classes,
         key,
+        conditions=conditions,
     )
+    num_classes = num_classes or (run.data.dataset_classes if "labels" in meta else None)
     if jax.process_index() != 0:
         return
     ncols = num_classes if num_classes and cfg.train.grid_samples % num_classes == 0 else None

@@ -31,11 +31,15 @@ class TrainState(NamedTuple):
     bad_steps: jax.Array  # int32 scalar: consecutive non-finite steps (the "skip" policy)
 
 
-def model_builder(cfg, image_shape, num_classes):
-    """A function key -> the diffusion network of this config (used under eval_shape and jit)."""
-    from diffusax import diffusion, models
+def model_builder(cfg, image_shape, num_classes, condition=None):
+    """A function key -> the diffusion network of this config (used under eval_shape and jit).
+
+    ``condition`` (``conditions.Condition``): the network takes it through its condition
+    encoder (``conditions.encoder_kwargs``)."""
+    from diffusax import conditions, diffusion, models
 
     learned = cfg.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
+    conditioning = None if condition is None else conditions.encoder_kwargs(cfg, condition)
 
     def build(key):
         return models.build_model(
@@ -44,6 +48,7 @@ def model_builder(cfg, image_shape, num_classes):
             num_classes=num_classes,
             learned_variance=learned,
             rngs=nnx.Rngs(params=key),
+            conditioning=conditioning,
         )
 
     return build

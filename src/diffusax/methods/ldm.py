@@ -1,0 +1,188 @@
+"""Latent diffusion (Rombach et al. 2022): DDPM on the latents of a frozen KL autoencoder.
+
+    L_LDM = E_{E(x), y, ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖²,   z = s · E(x)
+
+    networks  {"model": the denoiser (with τ_θ), trainable; "vae": the autoencoder, frozen}
+    groups    {"model": optim};  EMAs {"ema": model}
+    update    z = s (μ + σ ε') from the frozen encoder's posterior at the images, then the
+              denoising loss of ``ddpm`` on z (with the condition's dropout for guidance)
+    sampling  the ``ddpm`` sampler on the latent shape, decoded by the frozen decoder: x = D(z / s)
+
+The autoencoder (``ldm.vae``) is "run:DIR", a run of this project's ``autoencoder`` method
+(its architecture is this config's ``autoencoder`` section; the weights its latest checkpoint's
+``params.vae``), or "diffusers:DIR", a local diffusers AutoencoderKL folder (the SD VAE). The
+checkpoint records its source and digest, and a resume against other autoencoder weights is
+refused. ``s`` is ``ldm.scale_factor``. Images are resized to the autoencoder's resolution
+(``autoencoder.image_size``) before encoding, as the autoencoder was trained.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from diffusax.config import ConfigError
+from diffusax.methods import autoencoder as ae
+from diffusax.methods import base
+from diffusax.methods.ddpm import DDPM, condition_of, make_generate, make_loss, make_schedule
+
+
+def vae_network(cfg, data) -> tuple[base.Network, tuple]:
+    """(the frozen autoencoder network, the (H, W, C) it encodes)."""
+    spec = cfg.ldm.vae
+    kind, _, path = spec.partition(":")
+    if kind == "run":
+        shape = ae.model_shape(cfg, data)
+        from diffusax.train.build import load_from_run
+
+        load = load_from_run(path, ("params", "vae"))
+        return base.Network(ae.build_vae(cfg, shape), False, spec, load), shape
+    from diffusax.convert import common, diffusers_vae
+    from diffusax.models.autoencoder import AutoencoderKL
+
+    config, _ = common.read_folder(path, "AutoencoderKL") if os.path.isdir(path) else ({}, {})
+    if not config:
+        raise ConfigError(f"config field 'ldm.vae': no diffusers AutoencoderKL folder at {path!r}")
+    kwargs = diffusers_vae.vae_kwargs_from_diffusers(config)
+    size = cfg.autoencoder.image_size or data.image_shape[0]
+    shape = (size, size, kwargs["in_channels"])
+    from flax import nnx
+
+    def build(key):
+        return AutoencoderKL(**kwargs, rngs=nnx.Rngs(params=key))
+
+    def load():
+        from diffusax.train.state import split_params
+
+        return split_params(diffusers_vae.load_diffusers_vae(path))[1]
+
+    return base.Network(build, False, spec, load), shape
+
+
+def latent_shape(cfg, vae_shape, vae_network_built) -> tuple:
+    """(h, w, latent channels) of the autoencoder's latents for images of ``vae_shape``."""
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: vae_network_built.build(jax.random.key(0)))
+    x = jax.ShapeDtypeStruct((1, *vae_shape), jnp.float32)
+    z = jax.eval_shape(lambda m, x: m.encode(x).mean, abstract, x)
+    return tuple(z.shape[1:])
+
+
+class LDM(DDPM):
+    name = "ldm"
+    param_sections = ("model", "condition", "text")
+    pixel_bound = False
+
+    def validate(self, cfg):
+        super().validate(cfg)
+        kind, _, path = cfg.ldm.vae.partition(":")
+        if kind not in ("run", "diffusers") or not path:
+            raise ConfigError(
+                f"config field 'ldm.vae' is {cfg.ldm.vae!r}: give 'run:DIR' (an autoencoder run "
+                f"of this project, e.g. run:runs/autoencoder_digits) or 'diffusers:DIR' (a "
+                f"local diffusers AutoencoderKL folder)"
+            )
+        if not cfg.ldm.scale_factor > 0:
+            raise ConfigError(
+                f"config field 'ldm.scale_factor' must be > 0, got {cfg.ldm.scale_factor!r}"
+            )
+        if cfg.latents.dir:
+            raise ConfigError(
+                "config field 'latents.dir': method 'ldm' encodes with its frozen autoencoder "
+                "(ldm.vae); latent shards train with method 'ddpm' and latents.dir"
+            )
+
+    def _shapes(self, cfg, data):
+        vae, vae_shape = vae_network(cfg, data)
+        return vae, vae_shape, latent_shape(cfg, vae_shape, vae)
+
+    def networks(self, cfg, data):
+        from diffusax.train.state import model_builder
+
+        vae, _, z_shape = self._shapes(cfg, data)
+        build = model_builder(cfg, z_shape, data.num_classes, condition_of(cfg, data))
+        return {"model": base.Network(build=build), "vae": vae}
+
+    def updates(self, cfg, ctx):
+        _, vae_shape, z_shape = self._shapes(cfg, ctx.data)
+        inner = make_loss(
+            cfg,
+            ctx.apply_fn("model"),
+            make_schedule(cfg),
+            ctx.data.num_classes,
+            condition_of(cfg, ctx.data),
+        )
+        scale = cfg.ldm.scale_factor
+
+        def loss(params, frozen, batch, key):
+            z_key, key = jax.random.split(key)
+            vae = ctx.module("vae", frozen["vae"])
+            x = ae.resize(batch["image"], vae_shape[0])  # (B, S, S, C)
+            z = scale * vae.encode(x).sample(z_key)  # (B, h, w, c)
+            return inner(params["model"], dict(batch, image=z), key)
+
+        return [base.GradUpdate("model", loss)]
+
+    def sample_params(self, state, frozen):
+        return {"model": state.ema["ema"], "vae": frozen["vae"]}
+
+    def make_sampler(self, run, sample_cfg):
+        _, _, z_shape = self._shapes(run.cfg, run.data)
+        core = make_generate(
+            run.cfg,
+            run.ctx.apply_fn("model"),
+            make_schedule(run.cfg),
+            run.data.num_classes,
+            z_shape,
+            sample_cfg=sample_cfg,
+            mesh=run.mesh,
+            condition=condition_of(run.cfg, run.data),
+            clip=False,
+        )
+        scale = run.cfg.ldm.scale_factor
+
+        @jax.jit
+        def decode(vae_params, z):
+            images = run.ctx.module("vae", vae_params).decode(z / scale)  # (B, S, S, C)
+            return jnp.clip(images, -1.0, 1.0)
+
+        return lambda params, y, key: decode(params["vae"], core(params["model"], y, key))
+
+    def evaluate(self, cfg, workdir):
+        from diffusax.evaluate import run as eval_run
+
+        return eval_run.evaluate(cfg, workdir)
+
+    def forward_flops(self, run):
+        from flax import nnx
+
+        from diffusax import models
+        from diffusax.train.state import model_graphdef
+
+        _, _, z_shape = self._shapes(run.cfg, run.data)
+        build = run.networks["model"].build
+        abstract = nnx.eval_shape(lambda: build(run.init_key))
+        graphdef = model_graphdef(build, run.init_key)
+        cond = condition_of(run.cfg, run.data)
+        y = None
+        if cond is not None:
+            import numpy as np
+
+            y = jax.tree.map(
+                lambda n: jax.ShapeDtypeStruct((1, *np.shape(n)), np.asarray(n).dtype),
+                cond.null_row(),
+            )
+        return {"model": models.forward_flops(graphdef, abstract, z_shape, None, y)}
+
+    def describe(self, cfg):
+        kind = cfg.condition.kind or ("label" if cfg.model.class_conditional else "none")
+        return (
+            f"{self.name}  (z = {cfg.ldm.scale_factor} E(x) of the frozen {cfg.ldm.vae}; "
+            f"condition {kind}; {super().describe(cfg).split('(', 1)[1]}"
+        )
+
+
+base.register(LDM())
