@@ -37,6 +37,9 @@ class EmbeddingTfds(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    # A top-level module (tests/ is no package): TFDS would look for its metadata folder
+    # through importlib.resources, which needs a package.
+    pkg_dir_path = epath.Path(__file__).parent
 
     @tfds.core.utils.classproperty
     @classmethod

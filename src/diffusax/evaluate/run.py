@@ -253,12 +253,15 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
 
 
 def load_split(cfg, split):
+    from diffusax.train.build import embedding_key
+
     return data.load_source(
         cfg.data.name,
         split,
         cfg.data.data_dir or None,
         image_key=cfg.data.image_key,
         label_key=cfg.data.label_key or None,
+        embedding_key=embedding_key(cfg),
     )
 
 

@@ -332,6 +332,7 @@ def sample_conditions(cfg, data, num: int, sample_cfg):
 
     Labels: ``sample.label``, or the classes in turn. Text: ``sample.prompt`` (cycled), or
     prompts naming the requested classes (``captions.class_prompts``, their phrasings in turn).
+    Embeddings: the held-out split's, in order.
     """
     cond = condition_of(cfg, data)
     classes = data.dataset_classes if cond is not None else data.num_classes
@@ -354,10 +355,17 @@ def sample_conditions(cfg, data, num: int, sample_cfg):
         tokens, mask = encode_prompts(cfg, prompts)
         meta["prompts"] = np.asarray(prompts)
         return {"tokens": tokens, "mask": mask}, meta
-    raise ConfigError(
-        "sampling an embedding-conditioned model needs the embeddings: pass them to "
-        "methods.generate_many(conditions=...) (make sample cannot invent them)"
-    )
+    # Embeddings: those of the held-out split's examples in turn (a user's own embeddings go
+    # to methods.generate_many(conditions=...)).
+    from diffusax.evaluate.run import load_split
+
+    held_out = load_split(cfg, cfg.data.eval_split)
+    rows = np.arange(num) % len(held_out)
+    batch = held_out.read(rows)
+    meta = {"heldout_indices": rows}
+    if "label" in batch:
+        meta["labels"] = batch["label"]
+    return batch["embedding"], meta
 
 
 base.register(DDPM())

@@ -107,7 +107,7 @@ class LDM(DDPM):
         return {"model": base.Network(build=build), "vae": vae}
 
     def updates(self, cfg, ctx):
-        _, vae_shape, z_shape = self._shapes(cfg, ctx.data)
+        _, vae_shape, _ = self._shapes(cfg, ctx.data)
         inner = make_loss(
             cfg,
             ctx.apply_fn("model"),

@@ -293,6 +293,7 @@ def open_data(cfg, *, require_data: bool = True):
                 cfg.data.data_dir or None,
                 image_key=cfg.data.image_key,
                 label_key=cfg.data.label_key or None,
+                embedding_key=embedding_key(cfg),
             )
     except FileNotFoundError as e:
         if require_data:
@@ -302,10 +303,29 @@ def open_data(cfg, *, require_data: bool = True):
     _check_declared(cfg, tuple(info.image_shape), info.num_classes)
     if cfg.condition.kind == "text":  # batches carry captions, tokenized
         source = _captioned(cfg, source)
+    if cfg.condition.kind == "embedding":
+        _check_embeddings(cfg, info)
     conditional = cfg.model.class_conditional or cfg.condition.kind == "label"
     classes = info.num_classes if conditional else None
     spec = DataSpec(cfg.data.name, tuple(info.image_shape), classes, info.num_classes, info)
     return source, spec
+
+
+def embedding_key(cfg) -> str | None:
+    """The dataset feature of precomputed condition embeddings (condition.kind embedding)."""
+    return cfg.condition.embedding_key if cfg.condition.kind == "embedding" else None
+
+
+def _check_embeddings(cfg, info) -> None:
+    """The dataset's embeddings have the shape the config declares (and the model takes)."""
+    got = tuple(getattr(info, "embedding_shape", None) or ())
+    want = tuple(cfg.condition.embedding_shape)
+    if got != want:
+        raise config_lib.ConfigError(
+            f"config field 'condition.embedding_shape' declares {want} but dataset "
+            f"{info.name!r} holds embeddings of shape {got} per example (feature "
+            f"{cfg.condition.embedding_key!r})"
+        )
 
 
 def _captioned(cfg, source):
