@@ -39,7 +39,7 @@ install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # ruff's lint rules and formatting (pyproject.toml [tool.ruff]); fixes nothing.
 lint: $(VENV)/.installed-lint
