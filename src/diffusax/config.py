@@ -307,7 +307,10 @@ def validate(cfg) -> None:
             "(or a condition.kind)"
         )
     if fields["sample.guidance_scale"] != 1.0 and not conditional:
-        raise ConfigError("config field 'sample.guidance_scale' needs a conditional model")
+        raise ConfigError(
+            "config field 'sample.guidance_scale' needs a class-conditional model (or a "
+            "condition.kind)"
+        )
     if fields["condition.kind"] and fields["model.name"] != "unet_cond":
         raise ConfigError(
             f"config field 'condition.kind' ({fields['condition.kind']!r}) feeds τθ(y) to a "

@@ -73,3 +73,24 @@ def random_captions(draws: int = 4000) -> tuple[str, ...]:
         attrs = {a: int(rng.integers(-1, 2)) for a in captions.ATTRIBUTES}
         out.append(captions.caption(i % 10, attrs, rng))
     return tuple(out)
+
+
+def longest_captions() -> list[str]:
+    """Captions at least as long as any ``captions.caption`` can make: the longest frame,
+    article, class name and head, with each attribute in its longest phrasing, before or after
+    the noun (an upper bound on the captions' length in words and in characters)."""
+    words = captions.ATTRIBUTE_WORDS
+    longest = lambda options: max(options, key=len)
+    frame, head = longest(captions.FRAMES), longest(captions.HEADS)
+    name = longest([*captions.NUMBER_WORDS, "0"])
+    thick = longest([w for b, ws in words["thickness"].items() for w in ws])
+    slant_pre = longest(words["slant"][0])
+    slant_post = longest([w for b, ws in words["slant"].items() if b for w in ws])
+    out = []
+    for pre_thick in (True, False):
+        for pre_slant in (True, False):
+            pre = ([thick] if pre_thick else []) + ([slant_pre] if pre_slant else [])
+            post = ("" if pre_thick else ", " + thick) + ("" if pre_slant else ", " + slant_post)
+            body = " ".join([frame, longest(captions.ARTICLES), *pre, head.format(n=name)])
+            out.append(body + post)
+    return out

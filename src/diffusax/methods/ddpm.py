@@ -319,7 +319,8 @@ def _check_captions_fit(cfg) -> None:
 
     tok = conditions.tokenizer_from_config(cfg)
     try:
-        tok.encode(captioned.random_captions(), cfg.text.context_length, field="text.captions")
+        texts = [*captioned.longest_captions(), *captioned.random_captions()]
+        tok.encode(texts, cfg.text.context_length, field="text.captions")
     except ValueError as e:
         raise ConfigError(
             f"config field 'text.context_length' ({cfg.text.context_length}) is too short for "

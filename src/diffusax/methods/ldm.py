@@ -61,14 +61,21 @@ def vae_network(cfg, data) -> tuple[base.Network, tuple]:
     return base.Network(build, False, spec, load), shape
 
 
+_LATENT_SHAPES: dict = {}  # (vae spec, autoencoder section, image shape) -> latent shape
+
+
 def latent_shape(cfg, vae_shape, vae_network_built) -> tuple:
-    """(h, w, latent channels) of the autoencoder's latents for images of ``vae_shape``."""
+    """(h, w, latent channels) of the autoencoder's latents for images of ``vae_shape``
+    (traced once per autoencoder: the method asks for it at every stage of a build)."""
     from flax import nnx
 
-    abstract = nnx.eval_shape(lambda: vae_network_built.build(jax.random.key(0)))
-    x = jax.ShapeDtypeStruct((1, *vae_shape), jnp.float32)
-    z = jax.eval_shape(lambda m, x: m.encode(x).mean, abstract, x)
-    return tuple(z.shape[1:])
+    key = (cfg.ldm.vae, repr(cfg.autoencoder.to_dict()), tuple(vae_shape))
+    if key not in _LATENT_SHAPES:
+        abstract = nnx.eval_shape(lambda: vae_network_built.build(jax.random.key(0)))
+        x = jax.ShapeDtypeStruct((1, *vae_shape), jnp.float32)
+        z = jax.eval_shape(lambda m, x: m.encode(x).mean, abstract, x)
+        _LATENT_SHAPES[key] = tuple(z.shape[1:])
+    return _LATENT_SHAPES[key]
 
 
 class LDM(DDPM):
