@@ -16,7 +16,8 @@ state is added to the timestep embedding. Classifier-free guidance on the empty 
 Measured (2000 steps, guidance 2.0): class agreement 98.9% on 1000 samples of prompts naming
 the digit (98.8% by its word, 99.0% by its numeral); attribute agreement, each on 200 samples
 (chance 33%): thin 85.5%, thick 98.5%, leaning left 95.0%, leaning right 95.0%. Its FD (15.8 on
-1000 samples) is not yet within 2x of ddpm_digits' (3.54).
+1000 samples) is not yet within 2x of ddpm_digits' (3.54). The same checkpoint at guidance 1.0:
+FD 4.92, but class agreement 93.0% and attributes 66 / 92 / 84 / 84%.
 """
 
 from experiments import ldm_digits
