@@ -1,11 +1,12 @@
-"""What every diffusers converter shares: reading a `save_pretrained` folder, copying arrays into
-an nnx model, and one error that lists everything that does not fit."""
+"""What every converter shares: reading a `save_pretrained` folder, naming our parameters as the
+checkpoint does, copying arrays into an nnx model, one error that lists everything that does
+not fit, and building a model abstractly from a folder."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,29 +20,63 @@ CONFIG_NAME = "config.json"
 Finder = Callable[[tuple, int], tuple[str, np.ndarray | None]]
 
 
-def read_folder(path: str | os.PathLike, class_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, the safetensors state dict as numpy) of a diffusers model folder.
+def read_folder(
+    path: str | os.PathLike,
+    class_name: str,
+    *,
+    weights_name: str = WEIGHTS_NAME,
+    index_name: str | None = None,
+    legacy_bin: tuple[str, str] = ("diffusion_pytorch_model.bin", "the .bin"),
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json as a dict, the safetensors state dict as numpy) of a model folder: the
+    ``weights_name`` file, or the shards an ``index_name`` file lists.
 
     Read with `safetensors.numpy`: no PyTorch needed. A FileNotFoundError names the missing
-    file; a folder holding only the legacy .bin says how to re-save it.
+    file; a folder holding only ``legacy_bin`` = (the file, its name in the message) says how
+    to re-save it.
     """
     from safetensors.numpy import load_file  # lazy: only the converters need safetensors
 
     config_file = os.path.join(path, CONFIG_NAME)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}")
-    if not os.path.isfile(weights_file):
+    weights_file = os.path.join(path, weights_name)
+    if os.path.isfile(weights_file):
+        shards = [weights_file]
+    elif index_name is not None and os.path.isfile(os.path.join(path, index_name)):
+        with open(os.path.join(path, index_name)) as f:
+            shards = [
+                os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))
+            ]
+    else:
         hint = ""
-        if os.path.isfile(os.path.join(path, "diffusion_pytorch_model.bin")):
+        if os.path.isfile(os.path.join(path, legacy_bin[0])):
             hint = (
-                f" (only the .bin is there: re-save it with safetensors, e.g. "
+                f" (only {legacy_bin[1]} is there: re-save it with safetensors, e.g. "
                 f"{class_name}.from_pretrained(path).save_pretrained(path))"
             )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}{hint}")
+        raise FileNotFoundError(f"no {weights_name} in {path!s}{hint}")
     with open(config_file) as f:
         config = json.load(f)
-    return config, load_file(weights_file)
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    return config, state
+
+
+def diffusers_config(config: Mapping, class_name: str, defaults: dict, required: dict) -> dict:
+    """config.json's fields over diffusers' ``defaults`` for ``class_name``; a ValueError names
+    another class, a field not in ``defaults``, or a value outside those ``required`` allows."""
+    if config.get("_class_name", class_name) != class_name:
+        raise ValueError(f"_class_name must be {class_name}, got {config['_class_name']!r}")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise ValueError(f"unsupported {class_name} config fields: {unknown}")
+    cfg = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    for field, allowed in required.items():
+        if cfg[field] not in allowed:
+            raise ValueError(f"unsupported {field}={cfg[field]!r}; supported: {list(allowed)}")
+    return cfg
 
 
 def copy_params(model: nnx.Module, find: Finder) -> tuple[set[str], list[str], list[str]]:
@@ -80,3 +115,85 @@ def check_fit(what: str, missing: list, mismatched: list, unused: list) -> None:
         problems.append(f"checkpoint tensors not used by the model: {unused}")
     if problems:
         raise ValueError(f"{what} checkpoint does not match the model; " + "; ".join(problems))
+
+
+def load_folder(folder, kwargs_from_config, model_class, load_params, /, **overrides):
+    """``model_class(**kwargs_from_config(config), **overrides)``, built abstractly (no random
+    initialisation) and filled by ``load_params`` from ``folder`` = (config, state dict)."""
+    config, state_dict = folder
+    kwargs = kwargs_from_config(config)
+    clash = sorted(set(overrides) & set(kwargs))
+    if clash:
+        raise ValueError(f"overrides {clash} would change the checkpoint's architecture")
+    model = nnx.eval_shape(lambda: model_class(**kwargs, **overrides, rngs=nnx.Rngs(0)))
+    load_params(model, state_dict)
+    return model
+
+
+def dotted_name(path: tuple, rename: Mapping[str, str], special: Mapping | None = None) -> str:
+    """The checkpoint's key of one of our parameter paths: string components through ``rename``
+    (or as they are), indices as numbers, a component in ``special`` as ``special[part](path)``
+    (for a name that depends on where in the model it sits), joined with dots."""
+    special = special or {}
+    return ".".join(
+        special[p](path) if p in special else rename.get(p, p) if isinstance(p, str) else str(p)
+        for p in path
+    )
+
+
+# Attention names of diffusers checkpoints saved before 0.14 (e.g. google/ddpm-*, sd-vae-ft-*).
+_LEGACY_ATTENTION = {
+    "query": "to_q",
+    "key": "to_k",
+    "value": "to_v",
+    "proj_attn": "to_out.0",
+}
+
+
+def _modernise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename legacy attention keys (`...attentions.N.query.weight`) to the current names."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_ATTENTION:
+            key = ".".join([*parts[:-2], _LEGACY_ATTENTION[parts[-2]], parts[-1]])
+        if key in out:
+            raise ValueError(f"checkpoint holds both the legacy and current name of {key!r}")
+        out[key] = value
+    return out
+
+
+def to_flax_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    """torch (O, I, kh, kw) conv -> (kh, kw, I, O); torch (O, I) linear -> (I, O).
+
+    Norm scales/biases and embedding tables have the same layout in both frameworks.
+    """
+    if leaf != "kernel":
+        return array
+    if target_ndim == 4 and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if target_ndim == 2 and array.ndim == 4 and array.shape[2:] == (1, 1):
+        array = array[:, :, 0, 0]  # a 1x1 conv used as a linear layer (old checkpoints)
+    if target_ndim == 2 and array.ndim == 2:
+        return array.T
+    return array
+
+
+def load_tensors(model, tensors, name_of, layout, what: str, extra_unused=()) -> None:
+    """Set every parameter of ``model`` to ``layout(tensors[name_of(path)], leaf, ndim)`` (our
+    layout); one ValueError lists what does not fit, ``extra_unused`` after the unused tensors."""
+
+    def find(path, ndim):
+        name = name_of(path)
+        if name not in tensors:
+            return name, None
+        return name, layout(np.asarray(tensors[name]), path[-1], ndim)
+
+    used, missing, mismatched = copy_params(model, find)
+    check_fit(what, missing, mismatched, sorted(set(tensors) - used) + list(extra_unused))
+
+
+def load_named_params(model, state_dict, name_of, what: str) -> None:
+    """Copy tensors named ``name_of(path)`` (diffusers' names, legacy attention names accepted)
+    into ``model``, in our layout."""
+    load_tensors(model, _modernise_keys(state_dict), name_of, to_flax_layout, what)

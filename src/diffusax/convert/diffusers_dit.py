@@ -36,7 +36,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from diffusax.convert import common
 from diffusax.models.dit import DiT
@@ -263,11 +262,5 @@ def load_diffusers_dit(path: str | os.PathLike, **overrides: Any) -> DiT:
     scan_blocks, remat, dtype, fused_attention, class_dropout_prob. The model is built
     abstractly and every parameter then set from the checkpoint (no random initialisation).
     """
-    config, state_dict = common.read_folder(path, "DiTTransformer2DModel")
-    kwargs = dit_kwargs_from_diffusers(config)
-    clash = sorted(set(overrides) & set(kwargs))
-    if clash:
-        raise ValueError(f"overrides {clash} would change the checkpoint's architecture")
-    model = nnx.eval_shape(lambda: DiT(**kwargs, **overrides, rngs=nnx.Rngs(0)))
-    load_dit_params(model, state_dict)
-    return model
+    folder = common.read_folder(path, "DiTTransformer2DModel")
+    return common.load_folder(folder, dit_kwargs_from_diffusers, DiT, load_dit_params, **overrides)

@@ -79,16 +79,7 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     being the null label, so the tables line up row for row (label N-1 is our null label).
     Raises ValueError naming any field or value that the DDPM U-Net cannot represent.
     """
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"_class_name must be UNet2DModel, got {config['_class_name']!r}")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unsupported UNet2DModel config fields: {unknown}")
-    cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-
-    for field, allowed in _REQUIRED_VALUES.items():
-        if cfg[field] not in allowed:
-            raise ValueError(f"unsupported {field}={cfg[field]!r}; supported: {list(allowed)}")
+    cfg = common.diffusers_config(config, "UNet2DModel", _DIFFUSERS_DEFAULTS, _REQUIRED_VALUES)
 
     channels = list(cfg["block_out_channels"])
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
@@ -164,7 +155,7 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Our module names -> diffusers module names, per path component ("resample" is handled
-# in `diffusers_name`: its diffusers name depends on the direction).
+# in `_SPECIAL`: its diffusers name depends on the direction).
 _RENAME = {
     "down_levels": "down_blocks",
     "up_levels": "up_blocks",
@@ -189,12 +180,8 @@ _RENAME = {
     "embedding": "weight",
 }
 
-# Attention names of checkpoints saved before diffusers 0.14 (e.g. google/ddpm-*).
-_LEGACY_ATTENTION = {
-    "query": "to_q",
-    "key": "to_k",
-    "value": "to_v",
-    "proj_attn": "to_out.0",
+_SPECIAL = {  # same attribute name, different diffusers name
+    "resample": lambda path: "downsamplers.0" if path[0] == "down_levels" else "upsamplers.0"
 }
 
 
@@ -202,42 +189,7 @@ def diffusers_name(path: tuple) -> str:
     """The diffusers state-dict key of one of our parameters, e.g.
     ('down_levels', 1, 'attn_blocks', 0, 'query', 'kernel') -> 'down_blocks.1.attentions.0.to_q.weight'.
     """
-    parts = []
-    for part in path:
-        if part == "resample":  # same attribute name, different diffusers name
-            parts.append("downsamplers.0" if path[0] == "down_levels" else "upsamplers.0")
-        else:
-            parts.append(_RENAME.get(part, str(part)) if isinstance(part, str) else str(part))
-    return ".".join(parts)
-
-
-def _modernise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rename legacy attention keys (`...attentions.N.query.weight`) to the current names."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_ATTENTION:
-            key = ".".join([*parts[:-2], _LEGACY_ATTENTION[parts[-2]], parts[-1]])
-        if key in out:
-            raise ValueError(f"checkpoint holds both the legacy and current name of {key!r}")
-        out[key] = value
-    return out
-
-
-def _to_flax_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
-    """torch (O, I, kh, kw) conv -> (kh, kw, I, O); torch (O, I) linear -> (I, O).
-
-    Norm scales/biases and embedding tables have the same layout in both frameworks.
-    """
-    if leaf != "kernel":
-        return array
-    if target_ndim == 4 and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    if target_ndim == 2 and array.ndim == 4 and array.shape[2:] == (1, 1):
-        array = array[:, :, 0, 0]  # a 1x1 conv used as a linear layer (old checkpoints)
-    if target_ndim == 2 and array.ndim == 2:
-        return array.T
-    return array
+    return common.dotted_name(path, _RENAME, _SPECIAL)
 
 
 def load_unet_params(model: UNet, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -246,21 +198,7 @@ def load_unet_params(model: UNet, state_dict: Mapping[str, np.ndarray]) -> None:
     Works on a concrete or an abstract (`nnx.eval_shape`) model. Raises ValueError if a
     checkpoint tensor is unused, a model parameter has no tensor, or a shape differs.
     """
-    load_named_params(model, state_dict, diffusers_name, "diffusers UNet")
-
-
-def load_named_params(model, state_dict, name_of, what: str) -> None:
-    """Copy tensors named ``name_of(path)`` (diffusers' names) into ``model``, in our layout."""
-    tensors = _modernise_keys(state_dict)
-
-    def find(path, ndim):
-        name = name_of(path)
-        if name not in tensors:
-            return name, None
-        return name, _to_flax_layout(np.asarray(tensors[name]), path[-1], ndim)
-
-    used, missing, mismatched = common.copy_params(model, find)
-    common.check_fit(what, missing, mismatched, sorted(set(tensors) - used))
+    common.load_named_params(model, state_dict, diffusers_name, "diffusers UNet")
 
 
 def load_diffusers_unet(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> UNet:
@@ -272,8 +210,5 @@ def load_diffusers_unet(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     `rngs` is accepted for symmetry with the constructors and not needed.
     """
     del rngs  # every parameter comes from the checkpoint
-    config, state_dict = common.read_folder(path, "UNet2DModel")
-    kwargs = unet_kwargs_from_diffusers(config)
-    model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
-    load_unet_params(model, state_dict)
-    return model
+    folder = common.read_folder(path, "UNet2DModel")
+    return common.load_folder(folder, unet_kwargs_from_diffusers, UNet, load_unet_params)

@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from diffusax.convert import common
-from diffusax.convert.diffusers_unet import load_named_params
 from diffusax.models.unet_cond import UNetCondition
 
 # diffusers' UNet2DConditionModel defaults (0.42), used for fields an older config.json leaves
@@ -166,16 +165,9 @@ def unet_cond_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]
 
     Raises ValueError naming any field or value that UNetCondition cannot represent.
     """
-    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ValueError(f"_class_name must be UNet2DConditionModel, got {config['_class_name']!r}")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unsupported UNet2DConditionModel config fields: {unknown}")
-    cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-
-    for field, allowed in _REQUIRED_VALUES.items():
-        if cfg[field] not in allowed:
-            raise ValueError(f"unsupported {field}={cfg[field]!r}; supported: {list(allowed)}")
+    cfg = common.diffusers_config(
+        config, "UNet2DConditionModel", _DIFFUSERS_DEFAULTS, _REQUIRED_VALUES
+    )
 
     channels = tuple(cfg["block_out_channels"])
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
@@ -263,7 +255,7 @@ def unet_cond_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]
 
 
 # Our module names -> diffusers module names, per path component ("samplers" is handled in
-# `diffusers_name`: its diffusers name depends on the direction).
+# `_SPECIAL`: its diffusers name depends on the direction).
 _RENAME = {
     "pooled_embedding": "class_embedding",
     "temb_proj": "time_emb_proj",
@@ -277,18 +269,15 @@ _RENAME = {
 }
 
 
+_SPECIAL = {"samplers": lambda path: "downsamplers" if path[0] == "down_blocks" else "upsamplers"}
+
+
 def diffusers_name(path: tuple) -> str:
     """The diffusers state-dict key of one of our parameters, e.g.
     ('down_blocks', 0, 'attentions', 1, 'transformer_blocks', 0, 'attn2', 'to_k', 'kernel')
     -> 'down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight'.
     """
-    parts = []
-    for part in path:
-        if part == "samplers":
-            parts.append("downsamplers" if path[0] == "down_blocks" else "upsamplers")
-        else:
-            parts.append(_RENAME.get(part, str(part)) if isinstance(part, str) else str(part))
-    return ".".join(parts)
+    return common.dotted_name(path, _RENAME, _SPECIAL)
 
 
 def load_unet_cond_params(model: UNetCondition, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -297,7 +286,7 @@ def load_unet_cond_params(model: UNetCondition, state_dict: Mapping[str, np.ndar
     Works on a concrete or an abstract (`nnx.eval_shape`) model. Raises one ValueError listing
     every checkpoint tensor left unused, model parameter without a tensor, and shape mismatch.
     """
-    load_named_params(model, state_dict, diffusers_name, "diffusers UNet2DConditionModel")
+    common.load_named_params(model, state_dict, diffusers_name, "diffusers UNet2DConditionModel")
 
 
 def load_diffusers_unet_cond(
@@ -311,8 +300,7 @@ def load_diffusers_unet_cond(
     constructors and not needed. `dtype` is the computation dtype; parameters stay float32.
     """
     del rngs  # every parameter comes from the checkpoint
-    config, state_dict = common.read_folder(path, "UNet2DConditionModel")
-    kwargs = unet_cond_kwargs_from_diffusers(config)
-    model = nnx.eval_shape(lambda: UNetCondition(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_unet_cond_params(model, state_dict)
-    return model
+    folder = common.read_folder(path, "UNet2DConditionModel")
+    return common.load_folder(
+        folder, unet_cond_kwargs_from_diffusers, UNetCondition, load_unet_cond_params, dtype=dtype
+    )

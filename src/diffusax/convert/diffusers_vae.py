@@ -21,9 +21,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-# The torch -> flax layout and legacy attention renaming are the same as for the U-Net.
 from diffusax.convert import common
-from diffusax.convert.diffusers_unet import load_named_params
 from diffusax.models.autoencoder import AutoencoderKL
 
 # diffusers' AutoencoderKL defaults (0.42), used for fields an older config.json leaves out.
@@ -61,16 +59,7 @@ def vae_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises ValueError naming any field or value that our autoencoder cannot represent.
     """
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"_class_name must be AutoencoderKL, got {config['_class_name']!r}")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unsupported AutoencoderKL config fields: {unknown}")
-    cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-
-    for field, allowed in _REQUIRED_VALUES.items():
-        if cfg[field] not in allowed:
-            raise ValueError(f"unsupported {field}={cfg[field]!r}; supported: {list(allowed)}")
+    cfg = common.diffusers_config(config, "AutoencoderKL", _DIFFUSERS_DEFAULTS, _REQUIRED_VALUES)
 
     channels = tuple(cfg["block_out_channels"])
     for field, kind in [
@@ -110,7 +99,7 @@ def vae_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Our module names -> diffusers module names, per path component ("resample" is handled in
-# `diffusers_name`: its diffusers name depends on the direction).
+# `_SPECIAL`: its diffusers name depends on the direction).
 _RENAME = {
     "mid": "mid_block",
     "res_1": "resnets.0",
@@ -128,17 +117,14 @@ _RENAME = {
 }
 
 
+_SPECIAL = {"resample": lambda path: "downsamplers.0" if "down_blocks" in path else "upsamplers.0"}
+
+
 def diffusers_name(path: tuple) -> str:
     """The diffusers state-dict key of one of our parameters, e.g.
     ('encoder', 'mid', 'attn', 'query', 'kernel') -> 'encoder.mid_block.attentions.0.to_q.weight'.
     """
-    parts = []
-    for part in path:
-        if part == "resample":
-            parts.append("downsamplers.0" if "down_blocks" in path else "upsamplers.0")
-        else:
-            parts.append(_RENAME.get(part, str(part)) if isinstance(part, str) else str(part))
-    return ".".join(parts)
+    return common.dotted_name(path, _RENAME, _SPECIAL)
 
 
 def load_vae_params(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -147,7 +133,7 @@ def load_vae_params(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray]) 
     Works on a concrete or an abstract (`nnx.eval_shape`) model. Raises one ValueError listing
     every checkpoint tensor left unused, model parameter without a tensor, and shape mismatch.
     """
-    load_named_params(model, state_dict, diffusers_name, "diffusers AutoencoderKL")
+    common.load_named_params(model, state_dict, diffusers_name, "diffusers AutoencoderKL")
 
 
 def load_diffusers_vae(
@@ -161,8 +147,7 @@ def load_diffusers_vae(
     constructors and not needed. `dtype` is the computation dtype; parameters stay float32.
     """
     del rngs  # every parameter comes from the checkpoint
-    config, state_dict = common.read_folder(path, "AutoencoderKL")
-    kwargs = vae_kwargs_from_diffusers(config)
-    model = nnx.eval_shape(lambda: AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_vae_params(model, state_dict)
-    return model
+    folder = common.read_folder(path, "AutoencoderKL")
+    return common.load_folder(
+        folder, vae_kwargs_from_diffusers, AutoencoderKL, load_vae_params, dtype=dtype
+    )

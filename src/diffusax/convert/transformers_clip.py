@@ -15,7 +15,6 @@ ValueError lists everything that is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -175,7 +174,12 @@ def transformers_name(path: tuple) -> str:
     """The transformers state-dict key (unprefixed) of one of our parameters, e.g.
     ('encoder', 'layers', 0, 'self_attn', 'q_proj', 'kernel')
     -> 'encoder.layers.0.self_attn.q_proj.weight'."""
-    return ".".join(_RENAME.get(p, p) if isinstance(p, str) else str(p) for p in path)
+    return common.dotted_name(path, _RENAME)
+
+
+def _linear_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    """torch Linear weights (O, I) -> our (I, O) kernels; everything else as it is."""
+    return array.T if leaf == "kernel" and array.ndim == 2 else array
 
 
 def _strip_prefix(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
@@ -201,52 +205,23 @@ def load_clip_text_params(model: TextEncoder, state_dict: Mapping[str, np.ndarra
     tensors, clashes = _strip_prefix(state_dict)
     for key in ("embeddings.position_ids",):  # a buffer (arange), not a parameter
         tensors.pop(key, None)
-
-    def find(path, ndim):
-        name = transformers_name(path)
-        if name not in tensors:
-            return name, None
-        array = np.asarray(tensors[name])
-        if path[-1] == "kernel" and array.ndim == 2:
-            array = array.T  # torch Linear (O, I) -> (I, O)
-        return name, array
-
-    used, missing, mismatched = common.copy_params(model, find)
-    unused = sorted(set(tensors) - used) + [f"{k} (duplicate)" for k in clashes]
-    common.check_fit("transformers CLIPTextModel", missing, mismatched, unused)
+    duplicates = [f"{k} (duplicate)" for k in clashes]
+    common.load_tensors(
+        model, tensors, transformers_name, _linear_layout, "transformers CLIPTextModel", duplicates
+    )
 
 
 def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, the safetensors state dict as numpy) of a transformers folder.
+    """(config.json as a dict, the safetensors state dict as numpy) of a transformers folder:
+    model.safetensors or the shards model.safetensors.index.json lists.
 
     A FileNotFoundError names the missing file; a folder holding only the legacy
     pytorch_model.bin says how to re-save it.
     """
-    from safetensors.numpy import load_file  # lazy: only the converters need safetensors
-
-    config_file = os.path.join(path, common.CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {common.CONFIG_NAME} in {path!s}")
-    with open(config_file) as f:
-        config = json.load(f)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    index_file = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(weights_file):
-        return config, load_file(weights_file)
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return config, state
-    hint = ""
-    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        hint = (
-            " (only pytorch_model.bin is there: re-save it with safetensors, e.g. "
-            "CLIPTextModel.from_pretrained(path).save_pretrained(path))"
-        )
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!s}{hint}")
+    legacy = ("pytorch_model.bin", "pytorch_model.bin")  # (the file, how the message names it)
+    return common.read_folder(
+        path, "CLIPTextModel", weights_name=WEIGHTS_NAME, index_name=INDEX_NAME, legacy_bin=legacy
+    )
 
 
 def load_transformers_clip_text(
@@ -259,8 +234,7 @@ def load_transformers_clip_text(
     needed. `dtype` is the computation dtype; parameters stay float32.
     """
     del rngs  # every parameter comes from the checkpoint
-    config, state_dict = read_folder(path)
-    kwargs = clip_text_kwargs_from_config(config)
-    model = nnx.eval_shape(lambda: TextEncoder(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_clip_text_params(model, state_dict)
-    return model
+    folder = read_folder(path)
+    return common.load_folder(
+        folder, clip_text_kwargs_from_config, TextEncoder, load_clip_text_params, dtype=dtype
+    )
