@@ -74,14 +74,7 @@ def _build_dit(model_cfg, *, height, channels, out_channels, num_classes, learne
     )
 
 
-def _build_unet_cond(model_cfg, *, height, channels, out_channels, num_classes, learned, rngs):
-    raise ValueError(
-        "model.name='unet_cond' (the cross-attention U-Net) needs a condition: set "
-        "condition.kind to label, text or embedding"
-    )
-
-
-def _build_unet_cond_with(
+def _build_unet_cond(
     model_cfg, *, height, channels, out_channels, num_classes, learned, rngs, conditioning
 ):
     from diffusax.models.conditioned import ConditionedUNet
@@ -114,8 +107,6 @@ FAMILIES = {
     "dit": (_build_dit, _dit_side_factor),
     "unet_cond": (_build_unet_cond, _unet_side_factor),
 }
-# Families that take a condition encoder (``conditions``): built with ``conditioning=`` kwargs.
-CONDITIONED = {"unet_cond": _build_unet_cond_with}
 
 
 def _family(model_cfg):
@@ -146,8 +137,9 @@ def build_model(
 ):
     """The network named by ``model_cfg.name`` for images of ``image_shape`` (H, W, C).
 
-    ``conditioning`` (``conditions.encoder_kwargs``): the condition encoder of a family in
-    ``CONDITIONED``; None builds the family's own class conditioning (``num_classes``).
+    ``conditioning`` (``conditions.encoder_kwargs``): the condition encoder, given exactly when
+    ``model_cfg.name == 'unet_cond'`` (config.validate requires a condition.kind for it and
+    refuses one for any other family); None builds the family's own class conditioning.
     """
     check_image_shape(model_cfg, tuple(image_shape))
     height, _, channels = image_shape
@@ -161,12 +153,7 @@ def build_model(
         rngs=rngs,
     )
     if conditioning is not None:
-        if model_cfg.name not in CONDITIONED:
-            raise ValueError(
-                f"model.name={model_cfg.name!r} takes no condition encoder (condition.kind); "
-                f"choose one of {list(CONDITIONED)}"
-            )
-        return CONDITIONED[model_cfg.name](model_cfg, conditioning=conditioning, **kwargs)
+        kwargs["conditioning"] = conditioning
     return _family(model_cfg)[0](model_cfg, **kwargs)
 
 

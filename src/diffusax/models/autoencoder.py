@@ -44,6 +44,10 @@ from diffusax.models.layers import (
     Dtype,
     ResBlock,
     Upsample,
+    check_nhwc,
+    check_positive_int_seq,
+    check_positive_ints,
+    check_spatial_multiple,
     conv3x3,
     count_params,
     default_init,
@@ -393,20 +397,14 @@ class AutoencoderKL(nnx.Module):
 
     def _check_image(self, x: jax.Array) -> None:
         """Shape checks at trace time, so a wrong input fails before compilation."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
-        _, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"x has {c} channels (last axis, NHWC) but the autoencoder takes in_channels="
-                f"{self.in_channels}; x.shape={x.shape}"
-            )
-        f = self.downsampling_factor
-        if h % f or w % f or h == 0 or w == 0:
-            raise ValueError(
-                f"x spatial size {h}x{w} must be a positive multiple of the downsampling factor "
-                f"{f} (2**(len(block_out_channels)-1))"
-            )
+        _, h, w, _ = check_nhwc(x, self.in_channels, "autoencoder")
+        check_spatial_multiple(
+            h,
+            w,
+            self.downsampling_factor,
+            "2**(len(block_out_channels)-1)",
+            factor_name="the downsampling factor ",
+        )
 
     def _check_latent(self, z: jax.Array) -> None:
         if z.ndim != 4 or z.shape[-1] != self.latent_channels or 0 in z.shape[1:3]:
@@ -429,21 +427,15 @@ def _check_config(
     sample_size,
 ):
     """Reject a configuration that cannot build the autoencoder, naming the argument."""
-    for name, value in [
-        ("in_channels", in_channels),
-        ("out_channels", out_channels),
-        ("layers_per_block", layers_per_block),
-        ("latent_channels", latent_channels),
-        ("norm_num_groups", norm_num_groups),
-        ("sample_size", sample_size),
-    ]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not block_out_channels or any(not isinstance(c, int) or c < 1 for c in block_out_channels):
-        raise ValueError(
-            f"block_out_channels must be a non-empty sequence of positive ints, "
-            f"got {block_out_channels}"
-        )
+    check_positive_ints(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+    check_positive_int_seq("block_out_channels", block_out_channels)
     bad = [c for c in block_out_channels if c % norm_num_groups]
     if bad:
         raise ValueError(

@@ -55,7 +55,9 @@ from flax import nnx
 
 from diffusax.models.layers import (
     Dtype,
+    batch_timesteps,
     check_labels,
+    check_nhwc,
     count_params,
     default_init,
     drop_labels,
@@ -477,24 +479,13 @@ class DiT(nnx.Module):
 
     def _check_inputs(self, x, t, y):
         """Shape checks at trace time, so a wrong input fails before compilation."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
-        b, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"x has {c} channels (last axis, NHWC) but the DiT takes in_channels="
-                f"{self.in_channels}; x.shape={x.shape}"
-            )
+        b, h, w, _ = check_nhwc(x, self.in_channels, "DiT")
         if (h, w) != (self.input_size, self.input_size):
             raise ValueError(
                 f"x is {h}x{w} but the DiT was built for input_size={self.input_size} "
                 f"({self.input_size}x{self.input_size})"
             )
-        t = jnp.asarray(t)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, (b,))
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape (B,)=({b},) or be a scalar, got {t.shape}")
+        t = batch_timesteps(t, b)
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("labels y given but the DiT was built with num_classes=None")

@@ -11,6 +11,7 @@ starts at zero, so each block starts as the identity.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -165,6 +166,31 @@ class ResBlock(nnx.Module):
         return skip + h
 
 
+def _apply_res_block(block: ResBlock, h: jax.Array, temb: jax.Array, key: jax.Array | None):
+    return block(h, temb, key)
+
+
+# Rematerialised variant: activations inside the block are recomputed in the backward pass.
+_apply_res_block_remat = nnx.remat(_apply_res_block)
+
+
+def res_block_caller(temb: jax.Array, dropout_key: jax.Array | None, *, remat: bool):
+    """``res(block, h)``: a U-Net's ResBlock applied with ``temb``, rematerialised if ``remat``.
+
+    The n-th call (from 0) drops out with ``fold_in(dropout_key, n)``, so each block's key
+    follows the order the forward pass calls the blocks in.
+    """
+    apply = _apply_res_block_remat if remat else _apply_res_block
+    calls = itertools.count()
+
+    def res(block: ResBlock, h: jax.Array) -> jax.Array:
+        n = next(calls)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
+        return apply(block, h, temb, key)
+
+    return res
+
+
 class AttentionBlock(nnx.Module):
     """Spatial self-attention with a residual connection:
 
@@ -260,6 +286,53 @@ class Upsample(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(upsample_nearest(x))  # (B, 2H, 2W, C)
+
+
+def check_nhwc(x: jax.Array, in_channels: int, model: str) -> tuple[int, ...]:
+    """x.shape, (B, H, W, C); ValueError unless x is NHWC with ``in_channels`` channels."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
+    c = x.shape[-1]
+    if c != in_channels:
+        raise ValueError(
+            f"x has {c} channels (last axis, NHWC) but the {model} takes in_channels="
+            f"{in_channels}; x.shape={x.shape}"
+        )
+    return x.shape
+
+
+def check_spatial_multiple(h: int, w: int, factor: int, why: str, *, factor_name: str = ""):
+    """ValueError unless the spatial size h x w is a positive multiple of ``factor``."""
+    if h % factor or w % factor or h == 0 or w == 0:
+        raise ValueError(
+            f"x spatial size {h}x{w} must be a positive multiple of {factor_name}{factor} ({why})"
+        )
+
+
+def batch_timesteps(t, batch: int) -> jax.Array:
+    """``t`` as a (B,) array, a scalar broadcast to the batch; ValueError for another shape."""
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape (B,)=({batch},) or be a scalar, got {t.shape}")
+    return t
+
+
+def check_positive_ints(**named) -> None:
+    """ValueError naming the first argument, in the order given, that is not a positive int.
+
+    A bool is rejected although ``isinstance(True, int)``.
+    """
+    for name, value in named.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_positive_int_seq(name: str, values) -> None:
+    """ValueError unless ``values`` is a non-empty sequence of positive ints (bools pass)."""
+    if not values or any(not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values}")
 
 
 def check_labels(y, batch: int, num_classes: int, model: str) -> jax.Array:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusax.models.layers import Dtype, default_init
+from diffusax.models.layers import Dtype, check_positive_ints, dense
 
 __all__ = ["ACTIVATIONS", "TextEncoder", "check_tokens"]
 
@@ -48,10 +48,6 @@ embed_init = nnx.initializers.normal(stddev=0.02)
 position_init = nnx.initializers.normal(stddev=0.01)
 # The logit of a masked key (transformers' finfo(float32).min).
 _MASKED = float(np.finfo(np.float32).min)
-
-
-def _linear(c_in: int, c_out: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(c_in, c_out, kernel_init=default_init, dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -102,10 +98,10 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, width: int, heads: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.heads = heads
-        self.q_proj = _linear(width, width, dtype=dtype, rngs=rngs)
-        self.k_proj = _linear(width, width, dtype=dtype, rngs=rngs)
-        self.v_proj = _linear(width, width, dtype=dtype, rngs=rngs)
-        self.out_proj = _linear(width, width, dtype=dtype, rngs=rngs)
+        self.q_proj = dense(width, width, dtype=dtype, rngs=rngs)
+        self.k_proj = dense(width, width, dtype=dtype, rngs=rngs)
+        self.v_proj = dense(width, width, dtype=dtype, rngs=rngs)
+        self.out_proj = dense(width, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -128,8 +124,8 @@ class Mlp(nnx.Module):
 
     def __init__(self, width: int, inner: int, activation: str, *, dtype: Dtype, rngs: nnx.Rngs):
         self.activation = activation
-        self.fc1 = _linear(width, inner, dtype=dtype, rngs=rngs)
-        self.fc2 = _linear(inner, width, dtype=dtype, rngs=rngs)
+        self.fc1 = dense(width, inner, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(inner, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = ACTIVATIONS[self.activation](self.fc1(x))  # (B, L, M)
@@ -210,16 +206,14 @@ class TextEncoder(nnx.Module):
         dtype: Dtype = None,
         rngs: nnx.Rngs,
     ):
-        for name, value in [
-            ("vocab_size", vocab_size),
-            ("width", width),
-            ("layers", layers),
-            ("heads", heads),
-            ("mlp_dim", mlp_dim),
-            ("context_length", context_length),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            vocab_size=vocab_size,
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            context_length=context_length,
+        )
         if width % heads:
             raise ValueError(f"heads={heads} must divide width={width}")
         if not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool):

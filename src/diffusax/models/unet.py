@@ -29,24 +29,21 @@ from diffusax.models.layers import (
     Dtype,
     ResBlock,
     Upsample,
+    batch_timesteps,
     check_labels,
+    check_nhwc,
+    check_positive_int_seq,
+    check_spatial_multiple,
     conv3x3,
     count_params,
     dense,
     embed_labels,
     group_norm,
+    res_block_caller,
     timestep_embedding,
 )
 
 __all__ = ["UNet", "count_params"]
-
-
-def _apply_res_block(block: ResBlock, h: jax.Array, temb: jax.Array, key: jax.Array | None):
-    return block(h, temb, key)
-
-
-# Rematerialised variant: activations inside the block are recomputed in the backward pass.
-_apply_res_block_remat = nnx.remat(_apply_res_block)
 
 
 class Level(nnx.Module):
@@ -224,15 +221,7 @@ class UNet(nnx.Module):
         if self.class_embed is not None:
             temb = temb + embed_labels(self.class_embed, y)  # (B, 4ch)
 
-        apply_res = _apply_res_block_remat if self.remat else _apply_res_block
-        block_index = 0
-
-        def res(block: ResBlock, h: jax.Array) -> jax.Array:
-            nonlocal block_index
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, block_index)
-            block_index += 1
-            return apply_res(block, h, temb, key)
-
+        res = res_block_caller(temb, dropout_key, remat=self.remat)
         h = self.conv_in(x)  # (B, H, W, ch)
         skips = [h]
         for level in self.down_levels:
@@ -263,25 +252,10 @@ class UNet(nnx.Module):
 
     def _check_inputs(self, x, t, y):
         """Shape checks at trace time, so a wrong input fails before compilation."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
-        b, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"x has {c} channels (last axis, NHWC) but the U-Net takes in_channels="
-                f"{self.in_channels}; x.shape={x.shape}"
-            )
-        factor = 2 ** (self.num_levels - 1)
-        if h % factor or w % factor or h == 0 or w == 0:
-            raise ValueError(
-                f"x spatial size {h}x{w} must be a positive multiple of {factor} "
-                f"(2**(len(ch_mult)-1) for {self.num_levels} levels)"
-            )
-        t = jnp.asarray(t)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, (b,))
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape (B,)=({b},) or be a scalar, got {t.shape}")
+        b, h, w, _ = check_nhwc(x, self.in_channels, "U-Net")
+        levels = self.num_levels
+        check_spatial_multiple(h, w, 2 ** (levels - 1), f"2**(len(ch_mult)-1) for {levels} levels")
+        t = batch_timesteps(t, b)
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("labels y given but the U-Net was built with num_classes=None")
@@ -316,8 +290,7 @@ def _check_config(
     ]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-        raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")
+    check_positive_int_seq("ch_mult", ch_mult)
     factor = 2 ** (len(ch_mult) - 1)
     if resolution % factor:
         raise ValueError(

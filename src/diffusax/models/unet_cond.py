@@ -35,11 +35,17 @@ from diffusax.models.layers import (
     Dtype,
     ResBlock,
     Upsample,
+    batch_timesteps,
+    check_nhwc,
+    check_positive_int_seq,
+    check_positive_ints,
+    check_spatial_multiple,
     conv3x3,
     count_params,
     dense,
     embed_labels,
     group_norm,
+    res_block_caller,
     timestep_embedding,
 )
 from diffusax.models.transformer2d import Transformer2D
@@ -47,16 +53,11 @@ from diffusax.models.transformer2d import Transformer2D
 __all__ = ["UNetCondition", "count_params"]
 
 
-def _apply_res_block(block: ResBlock, h: jax.Array, temb: jax.Array, key: jax.Array | None):
-    return block(h, temb, key)
-
-
 def _apply_transformer(block: Transformer2D, h: jax.Array, context: jax.Array, mask):
     return block(h, context, mask)
 
 
-# Rematerialised variants: activations inside the block are recomputed in the backward pass.
-_apply_res_block_remat = nnx.remat(_apply_res_block)
+# Rematerialised variant: activations inside the block are recomputed in the backward pass.
 _apply_transformer_remat = nnx.remat(_apply_transformer)
 
 
@@ -297,15 +298,8 @@ class UNetCondition(nnx.Module):
         if self.pooled_embedding is not None:
             temb = temb + self.pooled_embedding(jnp.asarray(pooled))  # (B, 4 c0)
 
-        apply_res = _apply_res_block_remat if self.remat else _apply_res_block
+        res = res_block_caller(temb, dropout_key, remat=self.remat)
         apply_attn = _apply_transformer_remat if self.remat else _apply_transformer
-        block_index = 0
-
-        def res(block: ResBlock, h: jax.Array) -> jax.Array:
-            nonlocal block_index
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, block_index)
-            block_index += 1
-            return apply_res(block, h, temb, key)
 
         def attn(block: Transformer2D, h: jax.Array) -> jax.Array:
             return apply_attn(block, h, context, context_mask)
@@ -341,25 +335,11 @@ class UNetCondition(nnx.Module):
 
     def _check_inputs(self, x, t, context, context_mask, class_labels, pooled):
         """Shape checks at trace time, so a wrong input fails before compilation."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC (B, H, W, C), got shape {x.shape}")
-        b, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"x has {c} channels (last axis, NHWC) but the U-Net takes in_channels="
-                f"{self.in_channels}; x.shape={x.shape}"
-            )
-        factor = 2 ** (self.num_levels - 1)
-        if h % factor or w % factor or h == 0 or w == 0:
-            raise ValueError(
-                f"x spatial size {h}x{w} must be a positive multiple of {factor} "
-                f"(2**(len(block_out_channels)-1) for {self.num_levels} levels)"
-            )
-        t = jnp.asarray(t)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, (b,))
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape (B,)=({b},) or be a scalar, got {t.shape}")
+        b, h, w, _ = check_nhwc(x, self.in_channels, "U-Net")
+        levels = self.num_levels
+        why = f"2**(len(block_out_channels)-1) for {levels} levels"
+        check_spatial_multiple(h, w, 2 ** (levels - 1), why)
+        t = batch_timesteps(t, b)
 
         if context is None:
             raise ValueError(
@@ -441,20 +421,14 @@ def _check_config(
     dropout,
 ):
     """Reject a configuration that cannot build the U-Net, naming the argument."""
-    for name, value in [
-        ("in_channels", in_channels),
-        ("out_channels", out_channels),
-        ("layers_per_block", layers_per_block),
-        ("cross_attention_dim", cross_attention_dim),
-        ("norm_num_groups", norm_num_groups),
-    ]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not block_out_channels or any(not isinstance(c, int) or c < 1 for c in block_out_channels):
-        raise ValueError(
-            f"block_out_channels must be a non-empty sequence of positive ints, got "
-            f"{block_out_channels}"
-        )
+    check_positive_ints(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=norm_num_groups,
+    )
+    check_positive_int_seq("block_out_channels", block_out_channels)
     for level, c in enumerate(block_out_channels):
         if c % norm_num_groups:
             raise ValueError(
