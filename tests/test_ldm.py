@@ -29,9 +29,8 @@ import pytest
 from flax import nnx
 
 from diffusax import checkpoint, conditions, inference, losses, sampling, schedules
-from diffusax.conditions import Condition
+from diffusax.conditions import Condition, encode_prompts
 from diffusax.config import ConfigError, load_experiment
-from diffusax.methods.ddpm import encode_prompts
 from diffusax.models.conditioned import ConditionedUNet
 from diffusax.models.layers import drop_labels
 from diffusax.train import loop
@@ -237,6 +236,30 @@ def test_text_model_resume_through_a_real_checkpoint_is_bitwise(text_runs, tmp_p
     for s in (2, 3):
         assert second.losses[s] == straight.losses[s], s
     assert_trees_equal(second.state, straight.state)  # params, Adam moments, EMA, step
+
+
+def test_the_tokenizer_is_saved_with_the_run_and_another_is_refused(text_runs, tmp_path):
+    """The run's tokenizer.json is the config's tokenizer; a copy of the run whose saved
+    vocabulary differs (two words swapped: same size, other ids) is refused by sampling and by
+    a resume, naming the file, and the refused resume leaves the run's files as they were."""
+    from diffusax.data.tokenizer import Tokenizer
+
+    cfg, root, _, _ = text_runs
+    saved = Tokenizer.load(root / "text_single" / conditions.TOKENIZER_FILE)
+    assert saved == conditions.tokenizer_from_config(cfg)
+    run = tmp_path / "run"
+    shutil.copytree(root / "text_single", run)
+    vocab = list(saved.vocab)
+    vocab[0], vocab[1] = vocab[1], vocab[0]
+    Tokenizer(saved.kind, vocab).save(run / conditions.TOKENIZER_FILE)
+    before = files_digest(run)
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the run was trained with"):
+        inference.load_trained(cfg, str(run))
+    more = cfg.copy_and_resolve_references()
+    more.train.num_steps = 6
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the run was trained with"):
+        loop.train(more, str(run), devices=jax.devices()[:1])
+    assert files_digest(run) == before
 
 
 # ---------------------------------------------------------------------------------------------

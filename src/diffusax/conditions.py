@@ -83,6 +83,14 @@ class Condition:
             return {"tokens": tokens, "mask": np.arange(self.context_length) < 2}
         return np.zeros(tuple(self.embedding_shape), np.float32)
 
+    def spec(self, batch_size: int = 1):
+        """The shapes and dtypes of ``batch_size`` examples' condition (``jax.ShapeDtypeStruct``
+        leaves), for tracing a network without values."""
+        return jax.tree.map(
+            lambda n: jax.ShapeDtypeStruct((batch_size, *np.shape(n)), np.asarray(n).dtype),
+            self.null_row(),
+        )
+
     def null(self, batch_size: int):
         """The null condition of ``batch_size`` examples."""
         return jax.tree.map(
@@ -101,42 +109,6 @@ class Condition:
 
         return jax.tree.map(where, self.null_row(), y)
 
-    def check(self, y, batch_size: int, field: str = "condition") -> None:
-        """ValueError naming ``field`` unless ``y`` (numpy) is a valid condition batch."""
-        leaves = {k: np.asarray(v) for k, v in _as_dict(y).items()}
-        if self.kind == "label":
-            labels = leaves["label"]
-            if labels.shape != (batch_size,) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(
-                    f"{field}: labels must be ({batch_size},) integers, got {labels.shape} "
-                    f"{labels.dtype}"
-                )
-            bad = labels[(labels < 0) | (labels > self.num_classes)]
-            if bad.size:
-                raise ValueError(
-                    f"{field}: label {int(bad[0])} is outside the {self.num_classes} classes "
-                    f"(0..{self.num_classes - 1}; {self.num_classes} is the null label)"
-                )
-        elif self.kind == "text":
-            shape = (batch_size, self.context_length)
-            if leaves["tokens"].shape != shape or leaves["mask"].shape != shape:
-                raise ValueError(
-                    f"{field}: tokens and mask must be {shape}, got {leaves['tokens'].shape} "
-                    f"and {leaves['mask'].shape}"
-                )
-        else:
-            want = (batch_size, *self.embedding_shape)
-            got = leaves["embedding"].shape
-            if got != want:
-                raise ValueError(
-                    f"{field}: embeddings have shape {got[1:]} per example but the model takes "
-                    f"{tuple(self.embedding_shape)} (config field 'condition.embedding_shape')"
-                )
-
-
-def _as_dict(y) -> dict:
-    return y if isinstance(y, dict) else {"label" if np.ndim(y) == 1 else "embedding": y}
-
 
 def concat(a, b):
     """Two condition batches stacked along the batch axis (guidance's [y, ∅])."""
@@ -148,11 +120,6 @@ def broadcast_null(null_row, y):
     return jax.tree.map(
         lambda n, v: jnp.broadcast_to(jnp.asarray(n, v.dtype), v.shape), null_row, y
     )
-
-
-def take(y, rows):
-    """Rows ``rows`` of a condition batch (numpy)."""
-    return jax.tree.map(lambda v: np.asarray(v)[rows], y)
 
 
 def batch_size_of(y) -> int:
@@ -190,6 +157,35 @@ def tokenizer_from_config(cfg):
     return tokenizer.from_captions(cfg.text.tokenizer)
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def keep_tokenizer_with_run(cfg, workdir: str, *, write: bool) -> None:
+    """A text run's tokenizer is saved with it, as ``workdir/tokenizer.json``: training writes
+    it when the run starts (``write``), and every later start, sample or eval checks that the
+    tokenizer the config builds is that one, so a checkpoint is never read with another
+    vocabulary. ValueError (exit 2) naming the file when they differ."""
+    if cfg.condition.kind != "text":
+        return
+    import os
+
+    from diffusax.data.tokenizer import Tokenizer
+
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    built = tokenizer_from_config(cfg)
+    if not os.path.exists(path):
+        if write:
+            built.save(path)
+        return  # a run from before tokenizers were saved: nothing to check against
+    saved = Tokenizer.load(path)
+    if saved != built:
+        raise ValueError(
+            f"{path}: the run was trained with a {saved!r} but the config builds a {built!r} "
+            f"(text.tokenizer={cfg.text.tokenizer!r}, text.captions={cfg.text.captions!r}): its "
+            f"checkpoint's token embeddings belong to the saved vocabulary"
+        )
+
+
 def encoder_kwargs(cfg, condition: Condition) -> dict:
     """What ``models.conditioned.ConditionedUNet`` needs besides the U-Net's own arguments."""
     out = {
@@ -209,3 +205,79 @@ def encoder_kwargs(cfg, condition: Condition) -> dict:
             eos_token_id=condition.eos_id,
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of the config, prompts and the labels to sample
+
+
+def validate(cfg) -> None:
+    """ConfigError naming the field for a condition this config cannot train or sample with."""
+    from diffusax.config import ConfigError
+
+    kind = cfg.condition.kind
+    if kind == "embedding" and len(tuple(cfg.condition.embedding_shape)) not in (1, 2):
+        raise ConfigError(
+            f"config field 'condition.embedding_shape' must be (D,) or (L, D) for "
+            f"condition.kind='embedding', got {tuple(cfg.condition.embedding_shape)}"
+        )
+    if kind == "text":
+        t = cfg.text
+        for name in ("context_length", "width", "layers", "heads"):
+            if not t[name] > 0:
+                raise ConfigError(f"config field 'text.{name}' must be > 0, got {t[name]!r}")
+        if t.width % t.heads:
+            raise ConfigError(
+                f"config field 'text.heads' ({t.heads}) must divide text.width ({t.width})"
+            )
+        _check_captions_fit(cfg)
+        prompts = split_prompts(cfg.sample.prompt)
+        if prompts:
+            encode_prompts(cfg, prompts)
+    elif cfg.sample.prompt:
+        raise ConfigError(
+            f"config field 'sample.prompt' needs a text-conditional model (condition.kind="
+            f"'text'), not condition.kind={kind!r}"
+        )
+
+
+def split_prompts(prompt: str) -> list[str]:
+    """``sample.prompt``: one prompt, or several separated by "|"."""
+    return [p.strip() for p in prompt.split("|")] if prompt.strip() else []
+
+
+def encode_prompts(cfg, prompts):
+    """(tokens, mask) of ``prompts``; ConfigError naming 'sample.prompt' for an unknown word or
+    character, or a prompt longer than the text encoder's context."""
+    from diffusax.config import ConfigError
+
+    tok = tokenizer_from_config(cfg)
+    try:
+        return tok.encode(prompts, cfg.text.context_length, field="sample.prompt")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_captions_fit(cfg) -> None:
+    """Every training caption must fit the text encoder's context."""
+    from diffusax.config import ConfigError
+    from diffusax.data import captioned
+
+    tok = tokenizer_from_config(cfg)
+    try:
+        texts = [*captioned.longest_captions(), *captioned.random_captions()]
+        tok.encode(texts, cfg.text.context_length, field="text.captions")
+    except ValueError as e:
+        raise ConfigError(
+            f"config field 'text.context_length' ({cfg.text.context_length}) is too short for "
+            f"the {cfg.text.captions} captions: {e}"
+        ) from e
+
+
+def sample_labels(num: int, num_classes: int | None, label: int = -1):
+    """Labels for a batch of samples: one class, or the classes in turn (0, 1, ..., 0, 1, ...)."""
+    if num_classes is None:
+        return None
+    if label >= 0:
+        return np.full((num,), label, np.int32)
+    return (np.arange(num) % num_classes).astype(np.int32)

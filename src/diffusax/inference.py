@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from diffusax import checkpoint, image_io, methods, parallel
+from diffusax import checkpoint, conditions, image_io, methods, parallel
 from diffusax import config as config_lib
 from diffusax.train.build import Run, build
 
@@ -40,6 +40,7 @@ def load_trained(cfg, workdir: str, *, devices=None) -> Trained:
     )
     if not os.path.isdir(ckpt_dir):
         raise missing  # before Orbax, which would create the directory
+    conditions.keep_tokenizer_with_run(cfg, workdir, write=False)
     with checkpoint.Checkpointer(ckpt_dir, save_every=1, keep=10**9, async_save=False) as ckpt:
         restored = ckpt.restore(run.abstract_with_shardings())
     if restored is None:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax import diffusion
+from diffusax import conditions, diffusion
 from diffusax.schedules import Schedule, log_snr, make_schedule
 
 SPACINGS = ("uniform", "leading", "trailing")
@@ -379,10 +379,7 @@ def classifier_free_guidance(
 
     def guided(x, t, y):
         # y and the null may be pytrees (a text condition's tokens and mask): leaf by leaf.
-        y_null = jax.tree.map(
-            lambda n, v: jnp.broadcast_to(jnp.asarray(n, dtype=v.dtype), v.shape), null_label, y
-        )
-        y_both = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), y, y_null)
+        y_both = conditions.concat(y, conditions.broadcast_null(null_label, y))
         out = apply_fn(
             jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both
         )  # (2B, ..., C) or (2B, ..., 2C)

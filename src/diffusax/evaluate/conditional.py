@@ -25,7 +25,7 @@ BATCH = 200
 
 def attribute_agreement(trained, clf, data_shape, key) -> dict:
     """{"rows": [{attribute, asked, agreement, chance, opposite, class_accuracy, ...}]}."""
-    from diffusax.methods.ddpm import encode_prompts
+    from diffusax.conditions import encode_prompts
 
     run, cfg = trained.run, trained.cfg
     s = cfg.sample.copy_and_resolve_references()

@@ -25,7 +25,8 @@ import numpy as np
 from diffusax import image_io, inference
 from diffusax.evaluate import classifier as classifier_lib
 from diffusax.evaluate.frechet import features_frechet_distance
-from diffusax.evaluate.run import load_split, write_json
+from diffusax.evaluate.run import write_json
+from diffusax.train.build import open_split
 
 BATCH = 256  # images per jitted reconstruction call (one compilation)
 
@@ -94,8 +95,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     until every number is computed, and then atomically."""
     t0 = time.time()
     trained = inference.load_trained(cfg, workdir, devices=devices)
-    train_source = load_split(cfg, cfg.data.train_split)
-    test_source = load_split(cfg, cfg.data.eval_split)
+    train_source = open_split(cfg, cfg.data.train_split)
+    test_source = open_split(cfg, cfg.data.eval_split)
     eval_dir = os.path.join(workdir, "eval")
     clf = classifier_lib.load_or_train(
         train_source,

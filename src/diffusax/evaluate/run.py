@@ -26,9 +26,10 @@ import time
 import jax
 import numpy as np
 
-from diffusax import data, diffusion, inference, methods, parallel
+from diffusax import diffusion, inference, methods, parallel
 from diffusax.evaluate import classifier as classifier_lib
 from diffusax.evaluate.frechet import features_frechet_distance
+from diffusax.train.build import open_split
 
 log = logging.getLogger("diffusax")
 
@@ -150,8 +151,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     t0 = time.time()
     timings = {}
     trained = inference.load_trained(cfg, workdir, devices=devices)
-    train_source = load_split(cfg, cfg.data.train_split)
-    test_source = load_split(cfg, cfg.data.eval_split)
+    train_source = open_split(cfg, cfg.data.train_split)
+    test_source = open_split(cfg, cfg.data.eval_split)
     eval_dir = os.path.join(workdir, "eval")
     clf = classifier_lib.load_or_train(
         train_source,
@@ -250,19 +251,6 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     if jax.process_index() == 0:
         write_json(os.path.join(eval_dir, "metrics.json"), metrics)
     return metrics
-
-
-def load_split(cfg, split):
-    from diffusax.train.build import embedding_key
-
-    return data.load_source(
-        cfg.data.name,
-        split,
-        cfg.data.data_dir or None,
-        image_key=cfg.data.image_key,
-        label_key=cfg.data.label_key or None,
-        embedding_key=embedding_key(cfg),
-    )
 
 
 def write_json(path: str, metrics: dict) -> None:

@@ -14,6 +14,8 @@ import difflib
 import importlib
 import pkgutil
 
+# The denoising helpers every diffusion method and inference share.
+from diffusax.conditions import sample_labels
 from diffusax.methods.base import (
     Ema,
     GradUpdate,
@@ -24,15 +26,12 @@ from diffusax.methods.base import (
     registered,
     registered_names,
 )
-
-# The denoising helpers every diffusion method and inference share.
 from diffusax.methods.ddpm import (
     generate_many,
     make_generate,
     make_loss,
     make_schedule,
     padded_batch_size,
-    sample_labels,
 )
 
 

@@ -135,7 +135,7 @@ class Method:
     def sample_conditions(self, run, num: int, sample_cfg):
         """(the conditions of ``num`` samples for ``make_sampler``'s generate, or None; a dict
         of what they were: ``labels`` and/or ``prompts`` arrays, written beside samples)."""
-        from diffusax.methods.ddpm import sample_labels
+        from diffusax.conditions import sample_labels
 
         labels = sample_labels(num, run.data.num_classes, sample_cfg.label)
         return labels, ({} if labels is None else {"labels": labels})

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax import conditions, diffusion, losses, parallel, sampling, schedules
-from diffusax.config import ConfigError
+from diffusax.conditions import sample_labels
 from diffusax.methods import base
 
 
@@ -22,12 +22,17 @@ class DDPM(base.Method):
     name = "ddpm"
 
     def validate(self, cfg):
-        validate_condition(cfg)
+        conditions.validate(cfg)
+
+    def model_shape(self, cfg, data) -> tuple:
+        """The (H, W, C) the denoiser works at: the images (latent methods: their latents)."""
+        return data.image_shape
 
     def networks(self, cfg, data):
         from diffusax.train.state import model_builder
 
-        build = model_builder(cfg, data.image_shape, data.num_classes, condition_of(cfg, data))
+        shape = self.model_shape(cfg, data)
+        build = model_builder(cfg, shape, data.num_classes, condition_of(cfg, data))
         return {"model": base.Network(build=build)}
 
     def groups(self, cfg):
@@ -36,14 +41,18 @@ class DDPM(base.Method):
     def emas(self, cfg):
         return {"ema": base.Ema("model", cfg.optim.ema_decay)}
 
-    def updates(self, cfg, ctx):
-        loss = make_loss(
+    def denoising_loss(self, cfg, ctx):
+        """loss(model params, batch, key): ``make_loss`` of this run."""
+        return make_loss(
             cfg,
             ctx.apply_fn("model"),
             make_schedule(cfg),
             ctx.data.num_classes,
             condition_of(cfg, ctx.data),
         )
+
+    def updates(self, cfg, ctx):
+        loss = self.denoising_loss(cfg, ctx)
         return [
             base.GradUpdate(
                 "model", lambda params, frozen, batch, key: loss(params["model"], batch, key)
@@ -56,16 +65,17 @@ class DDPM(base.Method):
     def sample_network(self, cfg):
         return "model"
 
-    def make_sampler(self, run, sample_cfg):
+    def make_sampler(self, run, sample_cfg, *, clip: bool = True):
         return make_generate(
             run.cfg,
             run.ctx.apply_fn("model"),
             make_schedule(run.cfg),
             run.data.num_classes,
-            run.data.image_shape,
+            self.model_shape(run.cfg, run.data),
             sample_cfg=sample_cfg,
             mesh=run.mesh,
             condition=condition_of(run.cfg, run.data),
+            clip=clip,
         )
 
     def sample_conditions(self, run, num, sample_cfg):
@@ -83,23 +93,19 @@ class DDPM(base.Method):
         from diffusax.train.state import model_builder, model_graphdef
 
         cfg, spec = run.cfg, run.data
+        shape = self.model_shape(cfg, spec)
         build = run.networks["model"].build
         if cfg.model.name == "dit" and cfg.model.scan_blocks:
             # XLA's cost analysis counts a loop's body once: count a scanned DiT's blocks
             # unrolled.
             unrolled = cfg.copy_and_resolve_references()
             unrolled.model.scan_blocks = False
-            build = model_builder(unrolled, spec.image_shape, spec.num_classes)
+            build = model_builder(unrolled, shape, spec.num_classes)
         abstract = nnx.eval_shape(lambda: build(run.init_key))
         graphdef = model_graphdef(build, run.init_key)
-        y = None
         cond = condition_of(cfg, spec)
-        if cond is not None:  # one example's condition, as the network takes it
-            y = jax.tree.map(
-                lambda n: jax.ShapeDtypeStruct((1, *np.shape(n)), np.asarray(n).dtype),
-                cond.null_row(),
-            )
-        flops = models.forward_flops(graphdef, abstract, spec.image_shape, spec.num_classes, y)
+        y = None if cond is None else cond.spec(1)  # one example's condition
+        flops = models.forward_flops(graphdef, abstract, shape, spec.num_classes, y)
         return {"model": flops}
 
     def describe(self, cfg):
@@ -132,15 +138,6 @@ def make_loss(cfg, apply_fn, sched, num_classes, condition=None):
         null_label=num_classes if cfg.model.class_conditional else None,
         condition=condition,
     )
-
-
-def sample_labels(num: int, num_classes: int | None, label: int = -1):
-    """Labels for a batch of samples: one class, or the classes in turn (0, 1, ..., 0, 1, ...)."""
-    if num_classes is None:
-        return None
-    if label >= 0:
-        return np.full((num,), label, np.int32)
-    return (np.arange(num) % num_classes).astype(np.int32)
 
 
 def make_generate(
@@ -270,64 +267,6 @@ def condition_of(cfg, data):
     return conditions.from_config(cfg, data.dataset_classes)
 
 
-def validate_condition(cfg) -> None:
-    """ConfigError naming the field for a condition this config cannot train or sample with."""
-    kind = cfg.condition.kind
-    if kind == "embedding" and len(tuple(cfg.condition.embedding_shape)) not in (1, 2):
-        raise ConfigError(
-            f"config field 'condition.embedding_shape' must be (D,) or (L, D) for "
-            f"condition.kind='embedding', got {tuple(cfg.condition.embedding_shape)}"
-        )
-    if kind == "text":
-        t = cfg.text
-        for name in ("context_length", "width", "layers", "heads"):
-            if not t[name] > 0:
-                raise ConfigError(f"config field 'text.{name}' must be > 0, got {t[name]!r}")
-        if t.width % t.heads:
-            raise ConfigError(
-                f"config field 'text.heads' ({t.heads}) must divide text.width ({t.width})"
-            )
-        _check_captions_fit(cfg)
-        prompts = split_prompts(cfg.sample.prompt)
-        if prompts:
-            encode_prompts(cfg, prompts)
-    elif cfg.sample.prompt:
-        raise ConfigError(
-            f"config field 'sample.prompt' needs a text-conditional model (condition.kind="
-            f"'text'), not condition.kind={kind!r}"
-        )
-
-
-def split_prompts(prompt: str) -> list[str]:
-    """``sample.prompt``: one prompt, or several separated by "|"."""
-    return [p.strip() for p in prompt.split("|")] if prompt.strip() else []
-
-
-def encode_prompts(cfg, prompts):
-    """(tokens, mask) of ``prompts``; ConfigError naming 'sample.prompt' for an unknown word or
-    character, or a prompt longer than the text encoder's context."""
-    tok = conditions.tokenizer_from_config(cfg)
-    try:
-        return tok.encode(prompts, cfg.text.context_length, field="sample.prompt")
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
-def _check_captions_fit(cfg) -> None:
-    """Every training caption must fit the text encoder's context."""
-    from diffusax.data import captioned
-
-    tok = conditions.tokenizer_from_config(cfg)
-    try:
-        texts = [*captioned.longest_captions(), *captioned.random_captions()]
-        tok.encode(texts, cfg.text.context_length, field="text.captions")
-    except ValueError as e:
-        raise ConfigError(
-            f"config field 'text.context_length' ({cfg.text.context_length}) is too short for "
-            f"the {cfg.text.captions} captions: {e}"
-        ) from e
-
-
 def sample_conditions(cfg, data, num: int, sample_cfg):
     """(the condition batch of ``num`` samples or None, {"labels": ..., "prompts": ...}).
 
@@ -343,7 +282,7 @@ def sample_conditions(cfg, data, num: int, sample_cfg):
     if cond.kind == "text":
         from diffusax.data import captions
 
-        prompts = split_prompts(sample_cfg.prompt)
+        prompts = conditions.split_prompts(sample_cfg.prompt)
         meta = {}
         if prompts:
             prompts = [prompts[i % len(prompts)] for i in range(num)]
@@ -353,14 +292,14 @@ def sample_conditions(cfg, data, num: int, sample_cfg):
                 options = captions.class_prompts(int(label))
                 prompts.append(options[(i // classes) % len(options)])
             meta["labels"] = labels
-        tokens, mask = encode_prompts(cfg, prompts)
+        tokens, mask = conditions.encode_prompts(cfg, prompts)
         meta["prompts"] = np.asarray(prompts)
         return {"tokens": tokens, "mask": mask}, meta
     # Embeddings: those of the held-out split's examples in turn (a user's own embeddings go
     # to methods.generate_many(conditions=...)).
-    from diffusax.evaluate.run import load_split
+    from diffusax.train.build import open_split
 
-    held_out = load_split(cfg, cfg.data.eval_split)
+    held_out = open_split(cfg, cfg.data.eval_split)
     rows = np.arange(num) % len(held_out)
     batch = held_out.read(rows)
     meta = {"heldout_indices": rows}

@@ -18,6 +18,7 @@ refused. ``s`` is ``ldm.scale_factor``. Images are resized to the autoencoder's 
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from diffusax.config import ConfigError
 from diffusax.methods import autoencoder as ae
 from diffusax.methods import base
-from diffusax.methods.ddpm import DDPM, condition_of, make_generate, make_loss, make_schedule
+from diffusax.methods.ddpm import DDPM
 
 
 def vae_network(cfg, data) -> tuple[base.Network, tuple]:
@@ -39,16 +40,17 @@ def vae_network(cfg, data) -> tuple[base.Network, tuple]:
 
         load = load_from_run(path, ("params", "vae"))
         return base.Network(ae.build_vae(cfg, shape), False, spec, load), shape
-    from diffusax.convert import common, diffusers_vae
+    from flax import nnx
+
+    from diffusax.convert import diffusers_vae
     from diffusax.models.autoencoder import AutoencoderKL
 
-    config, _ = common.read_folder(path, "AutoencoderKL") if os.path.isdir(path) else ({}, {})
-    if not config:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
         raise ConfigError(f"config field 'ldm.vae': no diffusers AutoencoderKL folder at {path!r}")
-    kwargs = diffusers_vae.vae_kwargs_from_diffusers(config)
-    size = cfg.autoencoder.image_size or data.image_shape[0]
-    shape = (size, size, kwargs["in_channels"])
-    from flax import nnx
+    with open(config_file) as f:  # the weights are read once, by load()
+        kwargs = diffusers_vae.vae_kwargs_from_diffusers(json.load(f))
+    shape = (*ae.model_shape(cfg, data)[:2], kwargs["in_channels"])
 
     def build(key):
         return AutoencoderKL(**kwargs, rngs=nnx.Rngs(params=key))
@@ -66,15 +68,13 @@ _LATENT_SHAPES: dict = {}  # (vae spec, autoencoder section, image shape) -> lat
 
 def latent_shape(cfg, vae_shape, vae_network_built) -> tuple:
     """(h, w, latent channels) of the autoencoder's latents for images of ``vae_shape``
-    (traced once per autoencoder: the method asks for it at every stage of a build)."""
+    (built abstractly once per autoencoder: the method asks at every stage of a build)."""
     from flax import nnx
 
     key = (cfg.ldm.vae, repr(cfg.autoencoder.to_dict()), tuple(vae_shape))
     if key not in _LATENT_SHAPES:
         abstract = nnx.eval_shape(lambda: vae_network_built.build(jax.random.key(0)))
-        x = jax.ShapeDtypeStruct((1, *vae_shape), jnp.float32)
-        z = jax.eval_shape(lambda m, x: m.encode(x).mean, abstract, x)
-        _LATENT_SHAPES[key] = tuple(z.shape[1:])
+        _LATENT_SHAPES[key] = tuple(abstract.latent_shape(vae_shape))
     return _LATENT_SHAPES[key]
 
 
@@ -106,22 +106,15 @@ class LDM(DDPM):
         vae, vae_shape = vae_network(cfg, data)
         return vae, vae_shape, latent_shape(cfg, vae_shape, vae)
 
-    def networks(self, cfg, data):
-        from diffusax.train.state import model_builder
+    def model_shape(self, cfg, data):
+        return self._shapes(cfg, data)[2]  # the denoiser works on the latents
 
-        vae, _, z_shape = self._shapes(cfg, data)
-        build = model_builder(cfg, z_shape, data.num_classes, condition_of(cfg, data))
-        return {"model": base.Network(build=build), "vae": vae}
+    def networks(self, cfg, data):
+        return {**super().networks(cfg, data), "vae": self._shapes(cfg, data)[0]}
 
     def updates(self, cfg, ctx):
         _, vae_shape, _ = self._shapes(cfg, ctx.data)
-        inner = make_loss(
-            cfg,
-            ctx.apply_fn("model"),
-            make_schedule(cfg),
-            ctx.data.num_classes,
-            condition_of(cfg, ctx.data),
-        )
+        inner = self.denoising_loss(cfg, ctx)
         scale = cfg.ldm.scale_factor
 
         def loss(params, frozen, batch, key):
@@ -137,18 +130,7 @@ class LDM(DDPM):
         return {"model": state.ema["ema"], "vae": frozen["vae"]}
 
     def make_sampler(self, run, sample_cfg):
-        _, _, z_shape = self._shapes(run.cfg, run.data)
-        core = make_generate(
-            run.cfg,
-            run.ctx.apply_fn("model"),
-            make_schedule(run.cfg),
-            run.data.num_classes,
-            z_shape,
-            sample_cfg=sample_cfg,
-            mesh=run.mesh,
-            condition=condition_of(run.cfg, run.data),
-            clip=False,
-        )
+        core = super().make_sampler(run, sample_cfg, clip=False)  # latents, unclipped
         scale = run.cfg.ldm.scale_factor
 
         @jax.jit
@@ -157,32 +139,6 @@ class LDM(DDPM):
             return jnp.clip(images, -1.0, 1.0)
 
         return lambda params, y, key: decode(params["vae"], core(params["model"], y, key))
-
-    def evaluate(self, cfg, workdir):
-        from diffusax.evaluate import run as eval_run
-
-        return eval_run.evaluate(cfg, workdir)
-
-    def forward_flops(self, run):
-        from flax import nnx
-
-        from diffusax import models
-        from diffusax.train.state import model_graphdef
-
-        _, _, z_shape = self._shapes(run.cfg, run.data)
-        build = run.networks["model"].build
-        abstract = nnx.eval_shape(lambda: build(run.init_key))
-        graphdef = model_graphdef(build, run.init_key)
-        cond = condition_of(run.cfg, run.data)
-        y = None
-        if cond is not None:
-            import numpy as np
-
-            y = jax.tree.map(
-                lambda n: jax.ShapeDtypeStruct((1, *np.shape(n)), np.asarray(n).dtype),
-                cond.null_row(),
-            )
-        return {"model": models.forward_flops(graphdef, abstract, z_shape, None, y)}
 
     def describe(self, cfg):
         kind = cfg.condition.kind or ("label" if cfg.model.class_conditional else "none")

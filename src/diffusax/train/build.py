@@ -287,14 +287,7 @@ def open_data(cfg, *, require_data: bool = True):
                 cfg.latents.auto_encode = False
             source = latents.open_source(cfg)
         else:
-            source = data_lib.load_source(
-                cfg.data.name,
-                cfg.data.train_split,
-                cfg.data.data_dir or None,
-                image_key=cfg.data.image_key,
-                label_key=cfg.data.label_key or None,
-                embedding_key=embedding_key(cfg),
-            )
+            source = open_split(cfg, cfg.data.train_split)
     except FileNotFoundError as e:
         if require_data:
             raise
@@ -309,6 +302,18 @@ def open_data(cfg, *, require_data: bool = True):
     classes = info.num_classes if conditional else None
     spec = DataSpec(cfg.data.name, tuple(info.image_shape), classes, info.num_classes, info)
     return source, spec
+
+
+def open_split(cfg, split: str):
+    """The image source of the dataset's ``split`` (its embeddings too, for that condition)."""
+    return data_lib.load_source(
+        cfg.data.name,
+        split,
+        cfg.data.data_dir or None,
+        image_key=cfg.data.image_key,
+        label_key=cfg.data.label_key or None,
+        embedding_key=embedding_key(cfg),
+    )
 
 
 def embedding_key(cfg) -> str | None:

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from diffusax import checkpoint, image_io, methods
+from diffusax import checkpoint, conditions, image_io, methods
 from diffusax import config as config_lib
 from diffusax.train.build import Run, build
 from diffusax.train.state import STATE_LAYOUT
@@ -73,6 +73,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     config_lib.validate(cfg)
     run = build(cfg, devices=devices)
     _check_workdir(workdir)
+    conditions.keep_tokenizer_with_run(cfg, workdir, write=jax.process_index() == 0)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=cfg.train.checkpoint_every,
