@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from diffusax import diffusion, sampling, schedules
+from diffusax import conditions, diffusion, sampling, schedules
 
 EXPERIMENTS_DIR = "experiments"
 # experiments/ of the source checkout (src/diffusax/config.py -> ../../experiments).
@@ -38,7 +38,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.nonfinite": ("abort", "skip"),
     "sample.spacing": tuple(sampling.SPACINGS),
-    "condition.kind": ("", "label", "text", "embedding"),
+    "condition.kind": ("", *conditions.KINDS),
     "text.tokenizer": ("words", "chars"),
     "text.captions": ("digits",),
 }

@@ -41,6 +41,11 @@ def save_png(path: str, image_u8: np.ndarray, scale: int = 1) -> str:
     return path
 
 
+def class_columns(num_images: int, num_classes: int | None) -> int | None:
+    """A grid's columns: one per class when every row holds the classes in turn."""
+    return num_classes if num_classes and num_images % num_classes == 0 else None
+
+
 def save_grid(path: str, images, ncols: int | None = None) -> str:
     """Save [-1, 1] images as a PNG grid, enlarged so that small images stay visible."""
     u8 = to_uint8(images)

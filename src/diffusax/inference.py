@@ -125,7 +125,7 @@ def sample_to_disk(cfg, workdir: str) -> str:
     os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
     n_grid = min(len(images), 100)
     classes = trained.num_classes or (trained.run.data.dataset_classes if "labels" in meta else 0)
-    ncols = classes if classes and n_grid % classes == 0 else None
+    ncols = image_io.class_columns(n_grid, classes)
     image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:n_grid], ncols)
     return path
 

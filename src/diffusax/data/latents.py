@@ -383,7 +383,7 @@ def encode_from_config(cfg) -> str:
         lat.source_dir,
         cfg.data.image_key,
         cfg.data.label_key,
-        embedding_key=_embedding_key(cfg),
+        embedding_key=embedding_key(cfg),
     )
     encode_to_shards(
         lat.dir,
@@ -399,7 +399,7 @@ def encode_from_config(cfg) -> str:
     return os.path.join(lat.dir, MANIFEST)
 
 
-def _embedding_key(cfg) -> str | None:
+def embedding_key(cfg) -> str | None:
     """``condition.embedding_key`` when the experiment is conditioned on embeddings, else None."""
     condition = cfg.get("condition")
     if condition is None or condition.get("kind") != "embedding":
@@ -455,7 +455,7 @@ def open_source(cfg) -> LatentSource:
             f"mirrored views; encode them again with data.random_flip=True into another "
             f"latents.dir, or train without flips"
         )
-    key = _embedding_key(cfg)
+    key = embedding_key(cfg)
     if key is not None:
         if manifest.get("embedding_key") != key:
             held = manifest.get("embedding_key")

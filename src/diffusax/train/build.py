@@ -298,27 +298,23 @@ def open_data(cfg, *, require_data: bool = True):
         source = _captioned(cfg, source)
     if cfg.condition.kind == "embedding":
         _check_embeddings(cfg, info)
-    conditional = cfg.model.class_conditional or cfg.condition.kind == "label"
-    classes = info.num_classes if conditional else None
+    classes = _model_classes(cfg, info.num_classes)
     spec = DataSpec(cfg.data.name, tuple(info.image_shape), classes, info.num_classes, info)
     return source, spec
 
 
 def open_split(cfg, split: str):
     """The image source of the dataset's ``split`` (its embeddings too, for that condition)."""
+    from diffusax.data import latents
+
     return data_lib.load_source(
         cfg.data.name,
         split,
         cfg.data.data_dir or None,
         image_key=cfg.data.image_key,
         label_key=cfg.data.label_key or None,
-        embedding_key=embedding_key(cfg),
+        embedding_key=latents.embedding_key(cfg),
     )
-
-
-def embedding_key(cfg) -> str | None:
-    """The dataset feature of precomputed condition embeddings (condition.kind embedding)."""
-    return cfg.condition.embedding_key if cfg.condition.kind == "embedding" else None
 
 
 def _check_embeddings(cfg, info) -> None:
@@ -352,9 +348,13 @@ def _declared_spec(cfg, why: str) -> DataSpec:
             f"the data is not there ({why}), and the config declares no shape to describe the "
             f"run without it: set data.image_shape=(H, W, C) (and data.num_classes)"
         )
+    return DataSpec(cfg.data.name, shape, _model_classes(cfg, classes), classes, None, missing=why)
+
+
+def _model_classes(cfg, num_classes):
+    """The classes the network takes labels of (None: it takes none, or another condition)."""
     conditional = cfg.model.class_conditional or cfg.condition.kind == "label"
-    model_classes = classes if conditional else None
-    return DataSpec(cfg.data.name, shape, model_classes, classes, None, missing=why)
+    return num_classes if conditional else None
 
 
 def _check_declared(cfg, image_shape, num_classes) -> None:

@@ -293,7 +293,7 @@ def _write_grid(run, grid_cfg, generate, state, workdir, step):
     num_classes = num_classes or (run.data.dataset_classes if "labels" in meta else None)
     if jax.process_index() != 0:
         return
-    ncols = num_classes if num_classes and cfg.train.grid_samples % num_classes == 0 else None
+    ncols = image_io.class_columns(cfg.train.grid_samples, num_classes)
     name = "grid.png" if step is None else f"grid_{step:08d}.png"
     path = image_io.save_grid(os.path.join(workdir, "samples", name), images, ncols)
     log.info("wrote %s", path)
