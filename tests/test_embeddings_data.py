@@ -234,3 +234,28 @@ def test_shards_without_embeddings_refuse_an_embedding_condition(tmp_path, cfg):
     other.data.random_flip = False
     with pytest.raises(DataConfigError, match=r"'condition.embedding_key'.*hold no embeddings"):
         latents.open_source(other)
+
+
+def test_an_embedding_of_the_wrong_width_stops_the_run_before_step_0(tfds_dir, tmp_path):
+    """A config that declares (5,) embeddings on a dataset holding (6,) ones: the trainer stops
+    while opening the data, naming the field and both shapes, and writes no checkpoint."""
+    from diffusax.config import ConfigError
+    from diffusax.train import loop
+
+    cfg = load_experiment(
+        "ldm_digits",
+        overrides={
+            "method": "ddpm",
+            "data.name": "embedding_tfds",
+            "data.data_dir": tfds_dir,
+            "condition.kind": "embedding",
+            "condition.embedding_key": "embedding",
+            "condition.embedding_shape": (5,),
+        },
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'condition.embedding_shape' declares \(5,\).*embeddings of shape \(6,\)",
+    ):
+        loop.train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "checkpoints").exists()
