@@ -7,8 +7,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= ddpm_digits
 WORKDIR ?= runs/$(EXP)
-# pytest workers, whole test files each: JAX compiles on one core, so two keep both cores busy.
-TEST_WORKERS ?= 2
 ARGS ?=
 LINT_PATHS := src tests benchmarks experiments notebooks
 
@@ -41,7 +39,7 @@ install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # ruff's lint rules and formatting (pyproject.toml [tool.ruff]); fixes nothing.
 lint: $(VENV)/.installed-lint

@@ -3,7 +3,6 @@
 JAX's persistent compilation cache is on for the whole session (and, through the environment,
 for the subprocesses tests start): programs compiled by one test file, or by a `diffusax.main`
 subprocess, are reused by the next instead of compiled again on these two slow cores.
-`make test` runs the test files on two pytest workers (pytest-xdist, whole files each).
 """
 
 import os
@@ -14,9 +13,6 @@ JAX_CACHE = os.path.join(tempfile.gettempdir(), f"diffusax-test-jax-cache-{os.ge
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# A size limit turns on the cache's file lock: `make test` runs two pytest workers (and tests start
-# subprocesses) that may write and read the same entry at once. 64 GB never evicts in practice.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 * 2**30))
 
 import jax  # noqa: E402
 
