@@ -320,6 +320,27 @@ def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path):
     assert saved_steps(workdir)[-1] == reached + 1
 
 
+def test_the_trainer_imports_neither_torch_nor_sklearn(tmp_path):
+    """Each would cost seconds at every start: the digits are read from sklearn's file and the
+    event writer is imported without torch (the reliability drills start ~100 trainers)."""
+    probe = (
+        "import sys; from diffusax.data import sources; from diffusax.train import loop; "
+        "assert len(sources.digits()) == 1497; loop._Writer(sys.argv[1]).close(); "
+        "print(sorted(m for m in ('torch', 'sklearn', 'tensorboardX') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["['tensorboardX']"]
+    assert list((tmp_path / "tensorboard").iterdir()), "no event file written"
+
+
 # --- the optimizer and the EMA (no model) --------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import os
 
 import numpy as np
 
@@ -200,11 +202,9 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     The 1797 digits are split once: 'test' holds the last 30 examples of each class in
     ``load_digits()`` order (300), 'train' the other 1497; each split keeps the original order.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = digits.images.astype(np.uint8)[..., None]  # (1797, 8, 8, 1), values 0..16
-    labels = digits.target.astype(np.int32)
+    table = _digits_table()  # (1797, 65): 64 pixels then the label, as load_digits() reads it
+    pixels = table[:, :64].reshape(-1, 8, 8, 1).astype(np.uint8)  # values 0..16
+    labels = table[:, 64].astype(np.int32)
     # No random numbers, so the split cannot change with a library version.
     test_idx = np.concatenate(
         [np.flatnonzero(labels == c)[-DIGITS_TEST_PER_CLASS:] for c in range(10)]
@@ -214,6 +214,23 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
         out[split] = (pixels[idx], labels[idx], idx)
     return out
+
+
+def _digits_table() -> np.ndarray:
+    """The digits' table, read from the file scikit-learn ships, without importing sklearn.
+
+    Importing sklearn (scipy with it) costs ~3 s, the trainer's whole start-up on the digits
+    otherwise; `load_digits()` reads this very file, and is the fallback should it move.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            return np.loadtxt(path, delimiter=",", dtype=np.float64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.concatenate([digits.data, digits.target[:, None]], axis=1)
 
 
 def digits_split_indices(split: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -326,9 +327,7 @@ class _Writer:
     """TensorBoard event files (tensorboardX: no TensorFlow needed) and a metrics.jsonl."""
 
     def __init__(self, workdir):
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self.losses = []
 
@@ -347,3 +346,21 @@ class _Writer:
     def close(self):
         self.tb.close()
         self.jsonl.close()
+
+
+def _summary_writer(logdir):
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (this loop
+    logs floats): 4 s more at every start where torch is present. A None in ``sys.modules`` makes
+    that import fail as if torch were absent; a torch already imported is left as it is.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX  # noqa: F401  (imported once, without torch)
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir)
