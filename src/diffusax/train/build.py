@@ -113,12 +113,18 @@ class Run:
 
     def init_params(self, key) -> dict:
         """{group: tree} at initialisation (network i is built with fold_in(key, i); i=0: key)."""
+        return self.trainable_params(
+            lambda i, name, net: net.build(key if i == 0 else jax.random.fold_in(key, i))
+        )
+
+    def trainable_params(self, model_of) -> dict:
+        """{group: its trainable tree} of the models ``model_of(i, name, network)``."""
         params = {}
         for i, (name, net) in enumerate(self.networks.items()):
             group = self.ctx.group_of.get(name)
             if group is None:
                 continue
-            _, tree = split_params(net.build(key if i == 0 else jax.random.fold_in(key, i)))
+            _, tree = split_params(model_of(i, name, net))
             if name in self.ctx.subsets:
                 tree = split_tree(tree, self.ctx.subsets[name])[0]
             params[group] = tree
@@ -432,7 +438,9 @@ def build(cfg, *, devices=None, require_data: bool = True) -> Run:
         shardings=None,
         step_fn=None,
     )
-    run.abstract = abstract_train_state(run.init_params, optimizers, emas, init_key)
+    # From the abstract models above: tracing the networks' construction again costs seconds.
+    abstract_params = run.trainable_params(lambda i, name, net: abstract_models[name])
+    run.abstract = abstract_train_state(abstract_params, optimizers, emas)
     # Parameters, optimizer moments and EMAs split over the mesh's fsdp axis (replicated when
     # train.mesh_fsdp = 1, plain data parallelism); scalars such as the step replicated.
     run.shardings = parallel.fsdp_shardings(run.abstract, mesh)

@@ -151,9 +151,9 @@ def create_train_state(init_params, optimizers, emas, key, shardings=None) -> Tr
     return jax.jit(fn, out_shardings=shardings)(key)
 
 
-def abstract_train_state(init_params, optimizers, emas, key) -> TrainState:
-    """The state's shapes and dtypes, without allocating it."""
-    return jax.eval_shape(lambda k: init_state(init_params(k), optimizers, emas), key)
+def abstract_train_state(abstract_params, optimizers, emas) -> TrainState:
+    """The state's shapes and dtypes from those of its parameters, without allocating it."""
+    return jax.eval_shape(lambda p: init_state(p, optimizers, emas), abstract_params)
 
 
 __all__ = [
