@@ -11,7 +11,7 @@ ARGS ?=
 LINT_PATHS := src tests benchmarks experiments notebooks
 
 .PHONY: install install-test test drills lint train sample eval info latents bench bench-dit \
-	bench-dit-gpu clean
+	bench-sd bench-dit-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ bench: $(VENV)/.installed-test
 # records benchmarks/results/. `make bench-dit ARGS=--quick` is a smoke test.
 bench-dit: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_dit.py $(ARGS)
+
+# Stable Diffusion v1.5 U-Net seconds per call (batch 1, and 2 = a guided step) against
+# diffusers' UNet2DConditionModel on CPU, random init; records benchmarks/results/.
+# `make bench-sd ARGS=--quick` is a smoke test (a small U-Net) that records nothing.
+bench-sd: $(VENV)/.installed-test
+	$(PY) benchmarks/bench_sd_unet.py $(ARGS)
 
 # DiT-XL/2 images/s and MFU on the local GPUs (needs jax's CUDA build: pip install -e '.[cuda]');
 # records benchmarks/results/. `make bench-dit-gpu ARGS=--dry-run` checks it on any machine.

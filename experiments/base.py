@@ -14,6 +14,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.method = "ddpm"  # a method is a loss plus a sampler; see diffusax.methods
     # Shrinks the experiment so it runs to completion on a laptop CPU (big_vision's switch).
     c.runlocal = False
+    # A local diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
+    # scheduler/) that method "stable_diffusion" samples from; downloaded beforehand.
+    c.pretrained = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # "digits" (bundled) or a TFDS dataset name, e.g. "cifar10"
@@ -94,7 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.diffusion.num_timesteps = 1000
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
-    c.diffusion.prediction = "eps"
+    c.diffusion.prediction = "eps"  # eps | x0 | v; "" = the pretrained folder's scheduler config
     c.diffusion.var_type = "fixed_large"
     c.diffusion.vlb_weight = 0.001
     c.diffusion.min_snr_gamma = 0.0  # 0 = no Min-SNR weighting
@@ -156,7 +159,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m
+    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m | euler | euler_a
     c.sample.num_steps = 0  # 0 = every timestep of the schedule
     # Which num_steps timesteps: trailing | uniform | leading (sampling.timestep_subset).
     # DiT's FID uses the 250-step DDPM with "uniform" (Improved DDPM's respacing).
@@ -170,6 +173,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # condition.kind = "text": the prompt, or several separated by "|" (cycled); "" = prompts
     # naming the classes in turn ("the digit zero", ...), or sample.label's.
     c.sample.prompt = ""
+    # Method "stable_diffusion": the guidance's unconditional branch ("" = the empty prompt; one,
+    # or several separated by "|" and cycled with the prompts), the image size (0 = the U-Net's
+    # sample_size times the VAE's downscaling: 512 for SD 1.x), and a .npy of initial latents
+    # (N, H/8, W/8, 4), NHWC, that fixes the samples exactly (N images; "" = drawn from seed).
+    c.sample.negative_prompt = ""
+    c.sample.height = 0
+    c.sample.width = 0
+    c.sample.noise = ""
     # Classifier-free guidance on the first N output channels (-1 = all of them). DiT's reference
     # code guides 3 of the 4 latent channels; set 3 to reproduce its numbers.
     c.sample.guided_channels = -1

@@ -227,6 +227,10 @@ STEPS = {
     "dpm++2m": lambda sched, out, x, i, **kw: sampling.dpmpp_2m_step(
         sched, out, x, i, 0.5 * NOISE, **kw
     ),
+    "euler": lambda sched, out, x, i, **kw: sampling.euler_step(sched, out, x, i, **kw),
+    "euler_a": lambda sched, out, x, i, **kw: sampling.euler_ancestral_step(
+        sched, out, x, i, NOISE, **kw
+    ),
 }
 NOISE = jax.random.normal(jax.random.key(6), (16, 2))
 
@@ -530,7 +534,7 @@ def _never_called(x, t):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(sampler="euler"), "sampler"),
+        (dict(sampler="heun"), "sampler"),
         (dict(num_steps=0), "num_steps"),
         (dict(num_steps=101), "num_steps"),
         (dict(timesteps=[0, 100]), "timesteps"),

@@ -256,9 +256,21 @@ def test_load_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_transformers_clip_text(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*re-save"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no model\.safetensors \(nor pytorch_model\.bin\)"
+    ):
         load_transformers_clip_text(tmp_path)
+
+
+def test_a_pytorch_bin_folder_loads_as_its_safetensors_twin(tmp_path):
+    """A folder saved as a PyTorch pickle (pytorch_model.bin, as older SD downloads hold) loads
+    through torch into the same parameters as the safetensors folder."""
+    reference, ours = torch_case(EOS)
+    reference.config.save_pretrained(tmp_path)  # config.json
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy format
+    from_bin = load_transformers_clip_text(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(from_bin)), jax.tree.leaves(nnx.state(ours))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------- bad input

@@ -446,3 +446,13 @@ def test_remat_model_runs_and_dropout_follows_the_key():
     assert np.isfinite(a).all() and a.shape == (2, 4, 4, 2)
     assert not np.allclose(a, b, atol=1e-3)  # each key its own dropout masks
     np.testing.assert_array_equal(a, apply(state, jax.random.key(1)))
+
+
+def test_the_library_sd_v1_config_is_the_sd_v1_file():
+    """``SD_V1_UNET_CONFIG`` (what the benchmarks build) maps to the same U-Net as the real
+    unet/config.json above."""
+    from diffusax.convert.diffusers_unet_cond import SD_V1_UNET_CONFIG
+
+    assert unet_cond_kwargs_from_diffusers(SD_V1_UNET_CONFIG) == unet_cond_kwargs_from_diffusers(
+        SD_V1
+    )

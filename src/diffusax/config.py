@@ -32,7 +32,7 @@ _CHECKOUT_EXPERIMENTS = os.path.join(
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "diffusion.schedule": tuple(schedules.BETA_SCHEDULES),
-    "diffusion.prediction": diffusion.PREDICTIONS,
+    "diffusion.prediction": ("", *diffusion.PREDICTIONS),  # "": a pretrained folder's
     "diffusion.var_type": diffusion.VAR_TYPES,
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
@@ -85,6 +85,8 @@ NON_NEGATIVE = (
     "optim.grad_clip",
     "diffusion.min_snr_gamma",
     "sample.num_steps",
+    "sample.height",
+    "sample.width",
     "sample.eta",
     "sample.clip_x0",
     "train.sample_every",

@@ -147,8 +147,17 @@ def main(argv):
     except (config_lib.ConfigError, OSError) as e:  # OSError: the experiment file is unreadable
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from diffusax import checkpoint, parallel
+    from diffusax import checkpoint, methods, parallel
     from diffusax.train.loop import NonFiniteLossError
+
+    method = methods.get(cfg.method)
+    if FLAGS.mode not in method.modes:
+        print(
+            f"config error: method {cfg.method!r} runs --mode {' / '.join(method.modes)}, not "
+            f"{FLAGS.mode!r}",
+            file=sys.stderr,
+        )
+        return 2
 
     if not parallel.initialize_distributed() and FLAGS.cpu_devices >= 0:
         # Each device's rows must still split into train.grad_accum_steps micro-batches.
@@ -157,7 +166,7 @@ def main(argv):
         parallel.use_cpu_cores(rows, FLAGS.cpu_devices)
     try:
         if FLAGS.mode == "info":
-            print(describe_run(cfg))
+            print(method.describe_run(cfg) or describe_run(cfg))
         elif FLAGS.mode == "train":
             from diffusax.train import loop
 
@@ -165,9 +174,7 @@ def main(argv):
             if result.stopped_by is not None:
                 return loop.EXIT_SIGTERM if result.stopped_by == 15 else loop.EXIT_SIGINT
         elif FLAGS.mode == "sample":
-            from diffusax import inference
-
-            print(f"wrote {inference.sample_to_disk(cfg, FLAGS.workdir)}")
+            print(f"wrote {method.sample_to_disk(cfg, FLAGS.workdir)}")
         elif FLAGS.mode == "latents":  # encode latents.source once into latent shards
             from diffusax.data import latents
 
@@ -177,9 +184,6 @@ def main(argv):
 
             print(f"wrote {inference.interpolate_to_disk(cfg, FLAGS.workdir)}")
         elif FLAGS.mode == "eval":
-            from diffusax import methods
-
-            method = methods.get(cfg.method)
             print(method.format_report(method.evaluate(cfg, FLAGS.workdir)))
     except (NonFiniteLossError, checkpoint.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)

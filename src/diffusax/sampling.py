@@ -1,15 +1,23 @@
-"""Samplers as pure step functions run in ``lax.scan``: DDPM, DDIM, DPM-Solver++(2M); CFG.
+"""Samplers as pure step functions run in ``lax.scan``: DDPM, DDIM, DPM-Solver++(2M), Euler and
+Euler-ancestral (Karras et al. 2022, as diffusers' Euler(Ancestral)DiscreteScheduler); CFG.
 
 Conventions (see ``schedules`` and ``diffusion``):
 
 - ``model_fn(x, t) -> output``: ``t`` is an int32 array (B,) of 0-based timesteps of the
-  *training* schedule; ``output`` has the C channels of ``x`` (ε, x_0 or v: ``prediction``), or
-  2C with a learned variance in the second half (``var_type`` 'learned_range' / 'learned').
-  Conditioning is bound by a closure (``bind_condition``).
+  *training* schedule (float32 when a ``SamplingPlan`` visits fractional timesteps, as
+  diffusers' Euler with "linspace" spacing does); ``output`` has the C channels of ``x``
+  (ε, x_0 or v: ``prediction``), or 2C with a learned variance in the second half
+  (``var_type`` 'learned_range' / 'learned'). Conditioning is bound by a closure
+  (``bind_condition``).
 - A sampler visits K of the T training timesteps, τ_1 < ... < τ_K, from τ_K down to τ_1 and then
   to the clean sample. The step functions index a *respaced* schedule (``respace``) with
   i = K-1, ..., 0 while the network is called with the original timestep of step i: this is
   how Improved DDPM and DiT sample a 1000-step model with 250 steps and a learned variance.
+  A ``SamplingPlan`` gives the K timesteps, the ᾱ at each and the ᾱ each step lands on
+  explicitly (``schedule_from_plan``): how a diffusers scheduler's timesteps, spacing, offset
+  and final ᾱ are reproduced (``convert.diffusers_scheduler``).
+- x is variance preserving throughout, x = √ᾱ x_0 + √(1-ᾱ) ε; the Euler samplers convert to
+  Karras' x_σ = x/√ᾱ, σ = √((1-ᾱ)/ᾱ), for their step and back.
 - Keys: x_T from one half of ``split(key)``, the noise of step i from ``fold_in(other half, i)``,
   so a given key gives the same x_T whatever the sampler or the number of steps.
 """
@@ -17,6 +25,7 @@ Conventions (see ``schedules`` and ``diffusion``):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +107,89 @@ def respace(sched: Schedule, timesteps) -> Schedule:
     alphas_cumprod = np.cumprod(1.0 - betas)[steps]
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     return make_schedule(1.0 - alphas_cumprod / alphas_cumprod_prev)
+
+
+class SamplingPlan(NamedTuple):
+    """The K steps a sampler takes, stated explicitly (numpy arrays of shape (K,), ascending).
+
+    timesteps:           the network's timestep input at each step, float64; may be fractional
+                         (diffusers' Euler, "linspace" spacing, calls the U-Net at 999·k/(K-1)).
+    alphas_cumprod:      ᾱ at each step.
+    alphas_cumprod_prev: the ᾱ step i lands on. Entry 0 is the final ᾱ: 1 for a clean sample, but
+                         diffusers' DDIM ends at ᾱ_0 when set_alpha_to_one is false; and DDIM's
+                         prev_t = t - ⌊T/K⌋ need not be the next visited step (trailing spacing).
+    init_noise_scale:    the standard deviation of x at the first step, in these variance-
+                         preserving units: ``sample`` starts from init_noise_scale · x_T. 1 except
+                         for diffusers' Euler samplers with "linspace"/"trailing" spacing, which
+                         start from x_σ = σ_max z, i.e. x = √ᾱ σ_max z = √(1-ᾱ_max) z.
+    """
+
+    timesteps: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    init_noise_scale: float = 1.0
+
+
+def check_plan(plan: SamplingPlan, num_timesteps: int | None = None) -> SamplingPlan:
+    """The plan as float64 numpy arrays; ValueError, naming the field, unless the timesteps are
+    1-D, strictly ascending (and in [0, T-1] when ``num_timesteps`` = T is given), all three
+    fields have the same length, 0 < ᾱ < 1, ᾱ ≤ ᾱ_prev ≤ 1 and init_noise_scale > 0."""
+    if not isinstance(plan, SamplingPlan):
+        raise ValueError(f"plan must be a SamplingPlan, got {type(plan).__name__}")
+    try:
+        arrays = [np.asarray(a, dtype=np.float64) for a in plan[:3]]
+    except jax.errors.TracerArrayConversionError as err:
+        raise ValueError("plan must be concrete: close over it instead of tracing it") from err
+    steps, abar, abar_prev = arrays
+    if steps.ndim != 1 or steps.size == 0:
+        raise ValueError(f"plan.timesteps must be a non-empty 1-D array, got shape {steps.shape}")
+    for name, a in (("alphas_cumprod", abar), ("alphas_cumprod_prev", abar_prev)):
+        if a.shape != steps.shape:
+            raise ValueError(f"plan.{name} has shape {a.shape}, plan.timesteps {steps.shape}")
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError("plan.timesteps must be strictly ascending")
+    if num_timesteps is not None and (steps[0] < 0 or steps[-1] > num_timesteps - 1):
+        raise ValueError(
+            f"plan.timesteps must lie in [0, {num_timesteps - 1}], got {steps[0]}..{steps[-1]}"
+        )
+    if not np.all((abar > 0) & (abar < 1)):
+        raise ValueError("plan.alphas_cumprod must lie in (0, 1)")
+    if not np.all((abar_prev >= abar) & (abar_prev <= 1)):
+        raise ValueError("plan.alphas_cumprod_prev must lie in [alphas_cumprod, 1]")
+    scale = float(plan.init_noise_scale)
+    if not scale > 0:
+        raise ValueError(f"plan.init_noise_scale must be > 0, got {plan.init_noise_scale}")
+    return SamplingPlan(steps, abar, abar_prev, scale)
+
+
+def schedule_from_plan(plan: SamplingPlan) -> Schedule:
+    """The K-entry schedule whose step i goes from ᾱ_i = plan.alphas_cumprod[i] to
+    ᾱ'_i = plan.alphas_cumprod_prev[i], so that every step function runs on it unchanged.
+
+    β_i = 1 - ᾱ_i/ᾱ'_i (α_i = 1 - β_i), β̃_i = (1 - ᾱ'_i)/(1 - ᾱ_i) β_i, and the posterior mean
+    coefficients √ᾱ'_i β_i/(1 - ᾱ_i) and √α_i (1 - ᾱ'_i)/(1 - ᾱ_i), in float64 stored as float32,
+    as ``make_schedule`` has them when ᾱ'_i = ᾱ_{i-1}; but here ᾱ'_i is free, and β_i may be 0
+    (diffusers' DDIM stepping from ᾱ_0 to a final ᾱ_0). A zero β̃_0 has its log replaced by
+    that of β̃_1 (by β_0 when K = 1), as ``make_schedule`` does.
+    """
+    _, abar, abar_prev, _ = check_plan(plan)
+    betas = 1.0 - abar / abar_prev
+    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+    clipped = posterior_variance.copy()
+    if clipped[0] <= 0:
+        clipped[0] = posterior_variance[1] if clipped.size > 1 else betas[0]
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
+    with np.errstate(divide="ignore"):  # log 0 = -inf only where β = 0 at K = 1
+        log_clipped = np.log(clipped)
+    return Schedule(
+        betas=f32(betas),
+        alphas_cumprod=f32(abar),
+        alphas_cumprod_prev=f32(abar_prev),
+        posterior_variance=f32(posterior_variance),
+        posterior_log_variance_clipped=f32(log_clipped),
+        posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
+        posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +324,79 @@ def dpmpp_2m_step(
     return (sigma_t / sigma_s) * x + alpha_t * (1.0 - exp_neg_h) * d, x0
 
 
+def karras_sigma(abar):
+    """σ = √((1-ᾱ)/ᾱ): the noise level of x_σ = x/√ᾱ = x_0 + σ ε (0 at ᾱ = 1)."""
+    return jnp.sqrt((1.0 - abar) / abar)
+
+
+def _euler_setup(sched, model_out, x, i, prediction, var_type, clip_x0):
+    """(x_σ, x̂_0, d, σ, σ') at step i: d = (x_σ - x̂_0)/σ, the probability-flow ODE's dx_σ/dσ."""
+    x0, _ = predict_x0_eps(
+        sched, model_out, x, i, prediction=prediction, var_type=var_type, clip_x0=clip_x0
+    )
+    abar = sched.alphas_cumprod[i]
+    sigma, sigma_next = karras_sigma(abar), karras_sigma(sched.alphas_cumprod_prev[i])
+    x_sigma = x / jnp.sqrt(abar)
+    return x_sigma, x0, (x_sigma - x0) / sigma, sigma, sigma_next
+
+
+def euler_step(
+    sched: Schedule,
+    model_out,
+    x,
+    i,
+    *,
+    prediction: str = "eps",
+    var_type: str = "fixed_large",
+    clip_x0: float | None = None,
+):
+    """Euler on the probability-flow ODE in σ-space (Karras et al. 2022, Algorithm 1 without
+    churn; diffusers' EulerDiscreteScheduler):
+
+        x_σ' = x_σ + (σ' - σ) d,  d = (x_σ - x̂_0)/σ,  x_σ = x/√ᾱ,  σ = √((1-ᾱ)/ᾱ),
+
+    σ' = σ(ᾱ_prev), returned as x' = √ᾱ_prev x_σ'. It is DDIM with η = 0, step for step: x_σ =
+    x̂_0 + σ ε̂ makes d = ε̂, so x_σ' = x̂_0 + σ' ε̂ and x' = √ᾱ' x̂_0 + √(1-ᾱ') ε̂. The last step
+    (σ' = 0) returns x̂_0. A learned variance half of the output is ignored.
+    """
+    x_sigma, x0, d, sigma, sigma_next = _euler_setup(
+        sched, model_out, x, i, prediction, var_type, clip_x0
+    )
+    x_next = x_sigma + (sigma_next - sigma) * d
+    return jnp.sqrt(sched.alphas_cumprod_prev[i]) * x_next, x0
+
+
+def euler_ancestral_step(
+    sched: Schedule,
+    model_out,
+    x,
+    i,
+    noise,
+    *,
+    prediction: str = "eps",
+    var_type: str = "fixed_large",
+    clip_x0: float | None = None,
+):
+    """Euler-ancestral (k-diffusion's sample_euler_ancestral, diffusers'
+    EulerAncestralDiscreteScheduler): an Euler step down to σ_down, then fresh noise σ_up z,
+
+        σ_up = √(σ'²(σ² - σ'²)/σ²),  σ_down = √(σ'² - σ_up²),
+        x_σ' = x_σ + (σ_down - σ) d + σ_up z,
+
+    in the notation of ``euler_step``, returned as x' = √ᾱ' x_σ'. It is DDIM with η = 1 with the
+    same z: ᾱ'σ_up² = (1-ᾱ')(1 - ᾱ/ᾱ')/(1-ᾱ) = ``ddim_sigma(η=1)``² (σ² - σ'² = 1/ᾱ - 1/ᾱ'), and
+    ᾱ'σ_down² = 1 - ᾱ' - ᾱ'σ_up² is DDIM's direction coefficient squared. The last step (σ' = 0)
+    returns x̂_0.
+    """
+    x_sigma, x0, d, sigma, sigma_next = _euler_setup(
+        sched, model_out, x, i, prediction, var_type, clip_x0
+    )
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))  # rounding can dip < 0
+    x_next = x_sigma + (sigma_down - sigma) * d + sigma_up * noise
+    return jnp.sqrt(sched.alphas_cumprod_prev[i]) * x_next, x0
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
@@ -270,6 +435,10 @@ SAMPLERS = {
     "dpm++2m": lambda sub, out, x, i, noise, x0_prev, eta, **kw: dpmpp_2m_step(
         sub, out, x, i, x0_prev, **kw
     ),
+    "euler": lambda sub, out, x, i, noise, x0_prev, eta, **kw: euler_step(sub, out, x, i, **kw),
+    "euler_a": lambda sub, out, x, i, noise, x0_prev, eta, **kw: euler_ancestral_step(
+        sub, out, x, i, noise(), **kw
+    ),
 }
 
 
@@ -301,6 +470,7 @@ def sample(
     num_steps: int | None = None,
     timesteps=None,
     spacing: str = "trailing",
+    plan: SamplingPlan | None = None,
     prediction: str = "eps",
     var_type: str = "fixed_large",
     eta=0.0,
@@ -310,36 +480,51 @@ def sample(
 ):
     """Draw samples of ``shape`` (B, ...) by running one sampler's step in ``lax.scan``.
 
-    sampler:   'ddpm' (ancestral, σ² by ``var_type``), 'ddim' (with ``eta``) or 'dpm++2m'.
-               The deterministic samplers ignore a learned variance half.
+    sampler:   'ddpm' (ancestral, σ² by ``var_type``), 'ddim' (with ``eta``), 'dpm++2m',
+               'euler' or 'euler_a' (``euler_step``, ``euler_ancestral_step``). All but 'ddpm'
+               ignore a learned variance half.
     num_steps: visit this many timesteps chosen by ``spacing`` (``timestep_subset``); or give
                ``timesteps`` explicitly; neither: all T.
+    plan:      instead of those, a ``SamplingPlan``: its timesteps are the network's input
+               (float32 when any is fractional), ``schedule_from_plan(plan)`` the schedule the
+               steps index, and the chain starts from plan.init_noise_scale · x_T (the
+               trajectory starts there too). ``sched`` then only bounds the timesteps.
     x_T:       the starting noise; by default N(0, I) from ``key``.
-    Jittable with everything but ``key``, ``x_T`` and ``eta`` static (close over ``model_fn`` and
-    ``sched``). Returns the samples, or (samples, trajectory of shape (K+1, B, ...) from x_T).
-    Bad arguments raise ValueError before anything is traced.
+    Jittable with everything but ``key``, ``x_T`` and ``eta`` static (close over ``model_fn``,
+    ``sched`` and ``plan``). Returns the samples, or (samples, trajectory of shape (K+1, B, ...)
+    from x_T). Bad arguments raise ValueError before anything is traced.
     """
     _validate(sampler, prediction, var_type, eta, spacing)
-    steps = resolve_timesteps(sched.num_timesteps, num_steps, timesteps, spacing)
-    sub = respace(sched, steps)
+    if plan is not None:
+        if num_steps is not None or timesteps is not None:
+            raise ValueError("pass plan or num_steps / timesteps, not both")
+        plan = check_plan(plan, sched.num_timesteps)
+        steps, sub = plan.timesteps, schedule_from_plan(plan)
+        fractional = bool(np.any(steps != np.round(steps)))
+    else:
+        steps = resolve_timesteps(sched.num_timesteps, num_steps, timesteps, spacing)
+        sub, fractional = respace(sched, steps), False
     shape = tuple(shape)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
     key_init, key_steps = jax.random.split(key)
     x = jax.random.normal(key_init, shape, jnp.float32) if x_T is None else x_T
+    if plan is not None and plan.init_noise_scale != 1.0:
+        x = plan.init_noise_scale * x
     kwargs = dict(prediction=prediction, var_type=var_type, clip_x0=clip_x0)
+    t_dtype = jnp.float32 if fractional else jnp.int32
 
     def body(carry, step):
         x, x0_prev = carry
         i, t = step
-        out = model_fn(x, _batch_index(t, x))
+        out = model_fn(x, jnp.full((x.shape[0],), t, dtype=t_dtype))
         _check_output(out, x, var_type)
         noise = lambda: jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, x.dtype)
         x, x0 = SAMPLERS[sampler](sub, out, x, i, noise, x0_prev, eta, **kwargs)
         return (x, x0), (x if return_trajectory else None)
 
     order = np.arange(len(steps))[::-1]  # i = K-1, ..., 0
-    xs = (jnp.asarray(order, jnp.int32), jnp.asarray(steps[order], jnp.int32))
+    xs = (jnp.asarray(order, jnp.int32), jnp.asarray(steps[order], t_dtype))
     (x_final, _), path = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
     if return_trajectory:
         return x_final, jnp.concatenate([x[None], path])  # (K+1, B, ...)

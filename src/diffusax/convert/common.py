@@ -26,14 +26,16 @@ def read_folder(
     *,
     weights_name: str = WEIGHTS_NAME,
     index_name: str | None = None,
-    legacy_bin: tuple[str, str] = ("diffusion_pytorch_model.bin", "the .bin"),
+    legacy_bin: tuple[str, str] = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin"),
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, the safetensors state dict as numpy) of a model folder: the
-    ``weights_name`` file, or the shards an ``index_name`` file lists.
+    """(config.json as a dict, the state dict as numpy) of a model folder: the ``weights_name``
+    safetensors file, the shards an ``index_name`` file lists, or else the PyTorch ``legacy_bin``
+    = (the file, its name in messages).
 
-    Read with `safetensors.numpy`: no PyTorch needed. A FileNotFoundError names the missing
-    file; a folder holding only ``legacy_bin`` = (the file, its name in the message) says how
-    to re-save it.
+    safetensors are read with `safetensors.numpy`: no PyTorch needed. A PyTorch .bin is a
+    pickle that only torch can read: it is loaded with ``torch.load(weights_only=True)`` when
+    torch is installed, and otherwise a FileNotFoundError says how to re-save it. A
+    FileNotFoundError names any missing file.
     """
     from safetensors.numpy import load_file  # lazy: only the converters need safetensors
 
@@ -41,6 +43,7 @@ def read_folder(
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}")
     weights_file = os.path.join(path, weights_name)
+    load = load_file
     if os.path.isfile(weights_file):
         shards = [weights_file]
     elif index_name is not None and os.path.isfile(os.path.join(path, index_name)):
@@ -48,20 +51,40 @@ def read_folder(
             shards = [
                 os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))
             ]
+    elif os.path.isfile(os.path.join(path, legacy_bin[0])):
+        shards, load = [os.path.join(path, legacy_bin[0])], _torch_bin_loader(class_name)
     else:
-        hint = ""
-        if os.path.isfile(os.path.join(path, legacy_bin[0])):
-            hint = (
-                f" (only {legacy_bin[1]} is there: re-save it with safetensors, e.g. "
-                f"{class_name}.from_pretrained(path).save_pretrained(path))"
-            )
-        raise FileNotFoundError(f"no {weights_name} in {path!s}{hint}")
+        raise FileNotFoundError(f"no {weights_name} (nor {legacy_bin[1]}) in {path!s}")
     with open(config_file) as f:
         config = json.load(f)
     state: dict[str, np.ndarray] = {}
     for shard in shards:
-        state.update(load_file(shard))
+        state.update(load(shard))
     return config, state
+
+
+def _torch_bin_loader(class_name: str):
+    """A reader of PyTorch .bin state dicts as numpy (float32 for bfloat16, which numpy lacks)."""
+    try:
+        import torch
+    except ImportError:
+
+        def refuse(file):
+            raise FileNotFoundError(
+                f"{file} is a PyTorch pickle, which only torch can read: install torch, or "
+                f"re-save the folder with safetensors, e.g. "
+                f"{class_name}.from_pretrained(path).save_pretrained(path)"
+            )
+
+        return refuse
+
+    def read(file):
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return {
+            k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()
+        }
+
+    return read
 
 
 def diffusers_config(config: Mapping, class_name: str, defaults: dict, required: dict) -> dict:

@@ -6,7 +6,7 @@ diffusion_pytorch_model.safetensors, read here with `safetensors.numpy` (no PyTo
 
     huggingface-cli download facebook/DiT-XL-2-256 --local-dir DiT-XL-2-256
     model = load_diffusers_dit("DiT-XL-2-256/transformer")
-    # (older snapshots hold only a .bin: re-save with DiTTransformer2DModel.save_pretrained)
+    # (older snapshots hold only a .bin: read with torch, when it is installed)
 
 How diffusers lays a DiT out, and what becomes of it:
 - `pos_embed.proj` is a p x p stride-p convolution (O, I, p, p); on flattened (p, p, C)

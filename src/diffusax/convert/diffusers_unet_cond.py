@@ -129,6 +129,39 @@ _REQUIRED_VALUES: dict[str, tuple] = {
     "cross_attention_norm": (None,),
 }
 
+# Stable Diffusion v1.x's unet/config.json (stable-diffusion-v1-5): diffusers' defaults with
+# cross_attention_dim=768 and sample_size=64 (64x64 latents, 512x512 images); 859,520,964
+# parameters. The benchmarks build the SD U-Net from it without any download.
+SD_V1_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+
 _DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 _UP_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 

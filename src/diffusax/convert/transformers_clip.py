@@ -212,11 +212,11 @@ def load_clip_text_params(model: TextEncoder, state_dict: Mapping[str, np.ndarra
 
 
 def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, the safetensors state dict as numpy) of a transformers folder:
-    model.safetensors or the shards model.safetensors.index.json lists.
+    """(config.json as a dict, the state dict as numpy) of a transformers folder:
+    model.safetensors, the shards model.safetensors.index.json lists, or the PyTorch
+    pytorch_model.bin (read with torch, which must then be installed: ``common.read_folder``).
 
-    A FileNotFoundError names the missing file; a folder holding only the legacy
-    pytorch_model.bin says how to re-save it.
+    A FileNotFoundError names the missing file.
     """
     legacy = ("pytorch_model.bin", "pytorch_model.bin")  # (the file, how the message names it)
     return common.read_folder(

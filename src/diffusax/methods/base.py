@@ -11,6 +11,9 @@ checkpoints, inference, `make info` and the benchmarks ask it, through ``train.b
     sample_params(state, frozen)               what inference samples or evaluates with
     make_sampler(run, sample_cfg)              its sampler (None: it draws no samples)
     sample_conditions(run, num, sample_cfg)    the labels / prompts / embeddings it samples
+    sample_to_disk(cfg, workdir)               `make sample` (default: the run's checkpoint)
+    describe_run(cfg)                          `make info` (default: the built run's networks)
+    modes                                      the --mode values it runs
     evaluate(cfg, workdir), format_report(r)   `make eval`
 
 A trainable group is a whole network or a subset of one network's parameters (the LoRA case:
@@ -100,6 +103,8 @@ class Method:
     # `make eval` reports bits/dim from the model's variational bound on the data (a pixel
     # diffusion model); a latent model's bound is on latents, so it reports none.
     pixel_bound: bool = True
+    # The --mode values it runs; a method that samples a pretrained folder trains nothing.
+    modes: tuple[str, ...] = ("train", "sample", "eval", "info", "interpolate", "latents")
 
     def validate(self, cfg) -> None:
         """ConfigError naming the field for a config this method cannot run."""
@@ -139,6 +144,17 @@ class Method:
 
         labels = sample_labels(num, run.data.num_classes, sample_cfg.label)
         return labels, ({} if labels is None else {"labels": labels})
+
+    def sample_to_disk(self, cfg, workdir: str) -> str:
+        """`make sample`: write samples/samples.npz and PNGs; returns the npz's path."""
+        from diffusax import inference
+
+        return inference.sample_to_disk(cfg, workdir)
+
+    def describe_run(self, cfg) -> str | None:
+        """`make info`'s text, or None for the default (``main.describe_run``: the networks
+        and data of the built run)."""
+        return None
 
     def evaluate(self, cfg, workdir: str) -> dict:
         """`make eval`: the method's metrics of the run in ``workdir`` (also written to disk)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from diffusax import conditions, diffusion, losses, parallel, sampling, schedules
 from diffusax.conditions import sample_labels
+from diffusax.config import ConfigError
 from diffusax.methods import base
 
 
@@ -22,6 +23,11 @@ class DDPM(base.Method):
     name = "ddpm"
 
     def validate(self, cfg):
+        if not cfg.diffusion.prediction:
+            raise ConfigError(
+                f"config field 'diffusion.prediction' is '' (a pretrained folder's); method "
+                f"{self.name!r} trains its own model: choose one of {list(diffusion.PREDICTIONS)}"
+            )
         conditions.validate(cfg)
 
     def model_shape(self, cfg, data) -> tuple:
