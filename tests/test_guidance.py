@@ -113,10 +113,15 @@ def test_a_one_hot_weight_vector_is_the_label(family):
     # A fresh model's label embedding reaches the output only through zero-initialised layers:
     # perturb every parameter so that the label matters.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    params = jax.tree.unflatten(treedef, leaves)
+
+    @jax.jit  # one program: eager ops would compile one kernel per parameter shape
+    def perturb(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        noisy = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+        return jax.tree.unflatten(treedef, noisy)
+
+    params = perturb(params)
     model = jax.jit(lambda x, t, y: nnx.merge(graphdef, params, rest)(x, t, y))
     x = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
     t = jnp.array([5, 500, 900])

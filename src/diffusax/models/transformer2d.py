@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusax.models.layers import Dtype, default_init, dense, group_norm, zeros_init
+from diffusax.models.layers import Dtype, attention, default_init, dense, group_norm, zeros_init
 
 __all__ = ["Attention", "BasicTransformerBlock", "FeedForward", "Transformer2D", "key_mask"]
 
 
 def key_mask(context_mask: jax.Array | None) -> jax.Array | None:
-    """(B, L) key mask (True = attend) -> (B, 1, 1, L) for `jax.nn.dot_product_attention`.
+    """(B, L) key mask (True = attend) -> (B, 1, 1, L) for `layers.attention`.
 
     A row with no key to attend falls back to attending to every key. That is what diffusers
     does (its mask becomes an additive bias of -10000 on the masked keys, and a constant bias on
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, t, self.heads, self.head_dim)  # (B, T, heads, d)
         k = self.to_k(context).reshape(b, s, self.heads, self.head_dim)  # (B, S, heads, d)
         v = self.to_v(context).reshape(b, s, self.heads, self.head_dim)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, heads, d)
+        out = attention(q, k, v, mask=mask)  # (B, T, heads, d)
         return self.to_out(out.reshape(b, t, self.heads * self.head_dim))  # (B, T, query_dim)
 
 
