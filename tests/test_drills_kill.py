@@ -1,7 +1,7 @@
 """Reliability drills 1 and 2: a real trainer process killed (SIGKILL) or stopped (SIGTERM).
 
-Drill 1 kills the trainer at 20 moments chosen by a seeded random generator - during start-up,
-between steps, while an asynchronous Orbax checkpoint is being written, just after one was
+Drill 1 kills the trainer at 20 moments chosen by a seeded random generator - during start-up
+(before its first batch), between steps, while an asynchronous Orbax checkpoint is being written, just after one was
 committed - and restarts it each time. Every restart must resume from the newest complete
 checkpoint (nothing older, nothing half-written), no temporary checkpoint directory may
 survive a restart, and the final parameters, optimizer state and EMA, the batch of every step
@@ -61,8 +61,13 @@ def _tmp_dirs_by_age(trainer) -> tuple[list, list]:
 
 def _kill_moment(trainer, moment: str, start: int, rng: random.Random) -> str:
     """Wait for ``moment`` of this attempt (which resumed at ``start``); returns what was hit."""
-    if moment == "startup":  # importing, compiling, restoring, or the first steps
-        time.sleep(rng.uniform(0.5, 8.0))
+    if moment == "startup":  # importing, compiling, restoring: before the first batch
+        # At a random time in the first 8 s, or as the first batch is taken if that is sooner:
+        # a trainer that starts in ~5 s would otherwise train many steps before a "startup"
+        # kill, and the 20 attempts could run out of the 48 steps before the last kill.
+        deadline = time.time() + rng.uniform(0.5, 8.0)
+        while time.time() < deadline and not trainer.batches() and trainer.poll() is None:
+            time.sleep(0.01)
         return "startup"
     # Once it trains, what the killed attempts left half-written is gone.
     if not dh.wait_until(trainer.batches, timeout=300, trainer=trainer, every=0.005):
