@@ -1,4 +1,6 @@
-"""Images out: [-1, 1] floats to uint8, sample grids and strips as PNG, the loss curve."""
+"""Images out: [-1, 1] floats to uint8, sample grids and strips as PNG, arrays as .npz, the loss
+curve. Every file is written to a temporary name and renamed into place: a crash mid-write never
+leaves a truncated file where a good one was."""
 
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ def save_png(path: str, image_u8: np.ndarray, scale: int = 1) -> str:
     tmp = path + ".tmp.png"
     pil.save(tmp)
     os.replace(tmp, path)  # never leave a half-written PNG where a good one was
+    return path
+
+
+def save_npz(path: str, **arrays) -> str:
+    """``np.savez(path, **arrays)``, atomically (the parent directory is created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
     return path
 
 

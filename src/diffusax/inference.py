@@ -120,9 +120,7 @@ def sample_to_disk(cfg, workdir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     arrays = {"images": image_io.to_uint8(images)}
     arrays.update(meta)  # the labels and / or prompts each sample was drawn with
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
+    image_io.save_npz(path, **arrays)  # an interrupted run never leaves a truncated file
     n_grid = min(len(images), 100)
     classes = trained.num_classes or (trained.run.data.dataset_classes if "labels" in meta else 0)
     ncols = image_io.class_columns(n_grid, classes)

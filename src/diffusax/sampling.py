@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax import conditions, diffusion
-from diffusax.schedules import Schedule, log_snr, make_schedule
+from diffusax.schedules import Schedule, log_snr, make_schedule, schedule_of
 
 SPACINGS = ("uniform", "leading", "trailing")
 
@@ -164,32 +164,11 @@ def check_plan(plan: SamplingPlan, num_timesteps: int | None = None) -> Sampling
 
 def schedule_from_plan(plan: SamplingPlan) -> Schedule:
     """The K-entry schedule whose step i goes from ᾱ_i = plan.alphas_cumprod[i] to
-    ᾱ'_i = plan.alphas_cumprod_prev[i], so that every step function runs on it unchanged.
-
-    β_i = 1 - ᾱ_i/ᾱ'_i (α_i = 1 - β_i), β̃_i = (1 - ᾱ'_i)/(1 - ᾱ_i) β_i, and the posterior mean
-    coefficients √ᾱ'_i β_i/(1 - ᾱ_i) and √α_i (1 - ᾱ'_i)/(1 - ᾱ_i), in float64 stored as float32,
-    as ``make_schedule`` has them when ᾱ'_i = ᾱ_{i-1}; but here ᾱ'_i is free, and β_i may be 0
-    (diffusers' DDIM stepping from ᾱ_0 to a final ᾱ_0). A zero β̃_0 has its log replaced by
-    that of β̃_1 (by β_0 when K = 1), as ``make_schedule`` does.
-    """
+    ᾱ'_i = plan.alphas_cumprod_prev[i], so that every step function runs on it unchanged:
+    β_i = 1 - ᾱ_i/ᾱ'_i and the rest as ``schedules.schedule_of`` derives them. β_i may be 0
+    (diffusers' DDIM stepping from ᾱ_0 to a final ᾱ_0)."""
     _, abar, abar_prev, _ = check_plan(plan)
-    betas = 1.0 - abar / abar_prev
-    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
-    clipped = posterior_variance.copy()
-    if clipped[0] <= 0:
-        clipped[0] = posterior_variance[1] if clipped.size > 1 else betas[0]
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
-    with np.errstate(divide="ignore"):  # log 0 = -inf only where β = 0 at K = 1
-        log_clipped = np.log(clipped)
-    return Schedule(
-        betas=f32(betas),
-        alphas_cumprod=f32(abar),
-        alphas_cumprod_prev=f32(abar_prev),
-        posterior_variance=f32(posterior_variance),
-        posterior_log_variance_clipped=f32(log_clipped),
-        posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
-        posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)),
-    )
+    return schedule_of(1.0 - abar / abar_prev, abar, abar_prev)
 
 
 # ---------------------------------------------------------------------------------------------

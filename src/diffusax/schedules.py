@@ -86,25 +86,35 @@ def make_schedule(betas: np.ndarray) -> Schedule:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
     if not np.all((betas > 0) & (betas <= 1)):
         raise ValueError("every beta must lie in (0, 1]")
-    alphas = 1.0 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-    if betas.size > 1:
-        clipped = np.append(posterior_variance[1], posterior_variance[1:])
-    else:
-        clipped = betas.copy()
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return schedule_of(betas, alphas_cumprod, np.append(1.0, alphas_cumprod[:-1]))
+
+
+def schedule_of(betas, alphas_cumprod, alphas_cumprod_prev) -> Schedule:
+    """The ``Schedule`` of a chain whose step t goes from ᾱ_t to ᾱ_prev,t with β_t = 1 - α_t
+    (float64 arrays of one length; ``make_schedule`` has ᾱ_prev,t = ᾱ_{t-1}, a sampling plan
+    may land elsewhere): β̃_t = (1 - ᾱ_prev)/(1 - ᾱ_t) β_t and the posterior mean coefficients
+    √ᾱ_prev β_t/(1 - ᾱ_t) and √α_t (1 - ᾱ_prev)/(1 - ᾱ_t). A first β̃ of 0 (ᾱ_prev = 1) has
+    its log replaced by that of the second (of β_1 when there is one step), so that it is
+    finite; a β of 0 (a plan step that stays put) is allowed here."""
+    betas, abar, abar_prev = (
+        np.asarray(a, dtype=np.float64) for a in (betas, alphas_cumprod, alphas_cumprod_prev)
+    )
+    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+    clipped = posterior_variance.copy()
+    if clipped[0] <= 0:
+        clipped[0] = posterior_variance[1] if clipped.size > 1 else betas[0]
+    with np.errstate(divide="ignore"):  # log 0 = -inf only for one step with β = 0
+        log_clipped = np.log(clipped)
     f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
     return Schedule(
         betas=f32(betas),
-        alphas_cumprod=f32(alphas_cumprod),
-        alphas_cumprod_prev=f32(alphas_cumprod_prev),
+        alphas_cumprod=f32(abar),
+        alphas_cumprod_prev=f32(abar_prev),
         posterior_variance=f32(posterior_variance),
-        posterior_log_variance_clipped=f32(np.log(clipped)),
-        posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
-        posterior_mean_coef2=f32(
-            (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
-        ),
+        posterior_log_variance_clipped=f32(log_clipped),
+        posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
+        posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)),
     )
 
 

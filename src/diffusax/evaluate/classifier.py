@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from diffusax import image_io
+
 log = logging.getLogger("diffusax")
 
 # Bump when the architecture or the training recipe changes, so old caches are retrained.
@@ -235,15 +237,12 @@ def _flatten(params: dict) -> dict[str, np.ndarray]:
 
 def save(path: str, clf: Classifier) -> None:
     """Write the parameters, fingerprint and accuracy to ``path`` (.npz), atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(
-        tmp,
+    image_io.save_npz(
+        path,
         fingerprint=np.array(clf.fingerprint),
         test_accuracy=np.array(clf.test_accuracy),
         **_flatten(clf.params),
     )
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache
 
 
 def load(path: str, train_source, expected_fingerprint: str) -> Classifier | None:

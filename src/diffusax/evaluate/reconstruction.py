@@ -138,15 +138,12 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     metrics["seconds"] = round(time.time() - t0, 2)
     if jax.process_index() == 0:
         os.makedirs(eval_dir, exist_ok=True)
-        path = os.path.join(eval_dir, "reconstructions.npz")
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp,
+        image_io.save_npz(
+            os.path.join(eval_dir, "reconstructions.npz"),
             originals=image_io.to_uint8(originals),
             reconstructions=image_io.to_uint8(recs),
             labels=np.asarray(labels, np.int32),
         )
-        os.replace(tmp, path)
         pairs = np.concatenate([originals[:50], recs[:50]])  # originals above, reconstructions
         image_io.save_grid(os.path.join(eval_dir, "reconstructions.png"), pairs, ncols=10)
         write_json(os.path.join(eval_dir, "metrics.json"), metrics)

@@ -111,14 +111,14 @@ def plan(cfg) -> Plan:
         )
     try:
         folder = diffusers_pipeline.read_pipeline_folder(cfg.pretrained)
-        scheduler_file = os.path.join(cfg.pretrained, "scheduler", "scheduler_config.json")
-        try:
-            sched = diffusers_scheduler.schedule_from_scheduler_config(folder.scheduler)
-            prediction = diffusers_scheduler.prediction_from_scheduler_config(folder.scheduler)
-        except ValueError as e:
-            raise diffusers_pipeline.PipelineFolderError(f"{scheduler_file}: {e}") from e
     except diffusers_pipeline.PipelineFolderError as e:
         raise ConfigError(str(e)) from e
+    scheduler_file = folder.component(os.path.join("scheduler", "scheduler_config.json"))
+    try:
+        sched = diffusers_scheduler.schedule_from_scheduler_config(folder.scheduler)
+        prediction = diffusers_scheduler.prediction_from_scheduler_config(folder.scheduler)
+    except ValueError as e:
+        raise ConfigError(f"{scheduler_file}: {e}") from e
     asked = cfg.diffusion.prediction
     if asked and asked != prediction:
         raise ConfigError(
@@ -322,15 +322,13 @@ class StableDiffusion(base.Method):
         u8 = image_io.to_uint8(images)
         for i, (image, prompt) in enumerate(zip(u8, checked.prompts)):
             image_io.save_png(os.path.join(out_dir, f"{i:03d}_{_slug(prompt)}.png"), image)
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp,
+        image_io.save_npz(
+            path,
             images=u8,
             prompts=np.asarray(checked.prompts),
             negative_prompts=np.asarray(checked.negative_prompts),
             noise=noise,
         )
-        os.replace(tmp, path)  # an interrupted run never leaves a truncated samples.npz
         image_io.save_grid(os.path.join(out_dir, "samples_grid.png"), images[:16])
         return path
 
