@@ -11,7 +11,7 @@ ARGS ?=
 LINT_PATHS := src tests benchmarks experiments notebooks
 
 .PHONY: install install-test test drills lint train sample eval info latents bench bench-dit \
-	bench-sd bench-dit-gpu clean
+	bench-sd bench-lcm bench-dit-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-dit: $(VENV)/.installed-test
 # `make bench-sd ARGS=--quick` is a smoke test (a small U-Net) that records nothing.
 bench-sd: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_sd_unet.py $(ARGS)
+
+# The few-step students (lcm_digits, lcm_lora_digits) against their teacher: images/s and FD
+# at 1-8 steps vs DDIM; records benchmarks/results/ (train the runs first).
+bench-lcm: $(VENV)/.installed-run
+	$(PY) benchmarks/bench_lcm.py $(ARGS)
 
 # DiT-XL/2 images/s and MFU on the local GPUs (needs jax's CUDA build: pip install -e '.[cuda]');
 # records benchmarks/results/. `make bench-dit-gpu ARGS=--dry-run` checks it on any machine.

@@ -52,6 +52,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.class_conditional = False
     c.model.remat = False
     c.model.dtype = "float32"  # computation dtype; parameters stay float32
+    # U-Net only: > 0 conditions the network on a guidance scale w through the sin/cos features
+    # of 1000·w of this width (LCM's w-conditioned student; method "lcm" sets it for its
+    # student alone).
+    c.model.guidance_embed_dim = 0
     # unet_cond only (the LDM / Stable Diffusion cross-attention U-Net): attn_resolutions are
     # the levels with transformer blocks (the middle always has one), num_heads their heads.
     c.model.transformer_layers = 1  # BasicTransformerBlocks per transformer
@@ -91,6 +95,51 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Multiplies the latents so that they have about unit variance (0.18215 for the SD VAE);
     # `make eval EXP=autoencoder_digits` reports 1 / std of its latents.
     c.ldm.scale_factor = 1.0
+
+    # Method "lcm": few-step consistency models distilled from (or trained without) a teacher
+    # (diffusax.methods.lcm).
+    c.lcm = ml_collections.ConfigDict()
+    # lcm: latent consistency distillation (Luo et al. 2023) | lecture: the lecture's
+    # L_rec + λ L_cons | ict: consistency training without a teacher (Song & Dhariwal 2023).
+    c.lcm.objective = "lcm"
+    # The frozen teacher: "run:DIR" (a ddpm run of this project; its EMA) or "diffusers:DIR"
+    # (a local UNet2DModel folder, whose architecture `model` must match).
+    c.lcm.teacher = ""
+    # An experiment file that trains the teacher into the "run:DIR" above when that run has no
+    # checkpoint yet ("" = refuse, naming the command that would train it).
+    c.lcm.teacher_experiment = ""
+    c.lcm.num_ddim_timesteps = 50  # the DDIM solver's grid: skipping interval k = T / 50
+    # Guidance-augmented targets: ω ~ U[w_min, w_max] (the teacher guided at scale 1 + ω),
+    # embedded into the student when model.guidance_embed_dim > 0.
+    c.lcm.w_min = 0.0
+    c.lcm.w_max = 1.0
+    c.lcm.ema_decay = 0.95  # the EMA target network θ⁻ (full LCM only)
+    c.lcm.loss = "l2"  # l2 | huber (√(d² + c²) - c)
+    c.lcm.huber_c = 0.001
+    c.lcm.sigma_data = 0.5
+    # Clip x̂_0 to [-c, c] inside f and the teacher's DDIM step (0 = off; pixels in [-1, 1]: 1,
+    # as the samplers' clip_x0; latents: 0). At the top of a cosine schedule ᾱ is ~1e-9 and an
+    # unclipped x̂_0 = (z - √(1-ᾱ) ε̂)/√ᾱ is noise amplified ~10⁴ times.
+    c.lcm.clip_x0 = 1.0
+    c.lcm.timestep_scaling = 10.0
+    c.lcm.lecture_lambda = 1.0  # λ of the lecture's objective
+    # ict: the doubling curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 and lognormal noise levels.
+    c.lcm.ict_s0 = 10
+    c.lcm.ict_s1 = 1280
+    c.lcm.ict_p_mean = -1.1
+    c.lcm.ict_p_std = 2.0
+
+    # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
+    # teacher (LCM-LoRA: no w-embedding, no separate target).
+    c.adapters = ml_collections.ConfigDict()
+    c.adapters.rank = 0
+    c.adapters.alpha = 0.0  # 0 = rank: scale alpha / rank = 1
+    # Regular expressions over the module paths ("down_levels.0.res_blocks.1.conv1"): the
+    # linear and conv layers that get adapters.
+    c.adapters.targets = (r"conv[12]$", "temb_proj", "query", "key", "value", "proj_out")
+    # A LoRA file (PEFT / diffusers or kohya safetensors, e.g. a public LCM-LoRA) that method
+    # "stable_diffusion" merges into the pipeline's U-Net before sampling.
+    c.lora = ""
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -159,7 +208,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m | euler | euler_a
+    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m | euler | euler_a | lcm
     c.sample.num_steps = 0  # 0 = every timestep of the schedule
     # Which num_steps timesteps: trailing | uniform | leading (sampling.timestep_subset).
     # DiT's FID uses the 250-step DDPM with "uniform" (Improved DDPM's respacing).
@@ -215,6 +264,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000
     c.eval.bpd_examples = 256
     c.eval.classifier_steps = 1500
+    # Method "lcm": the step counts the student (and the teacher's DDIM) are scored at, and the
+    # teacher's reference step count.
+    c.eval.few_steps = (1, 2, 4, 8)
+    c.eval.teacher_steps = 100
     return c
 
 

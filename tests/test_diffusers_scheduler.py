@@ -429,3 +429,134 @@ def test_schedule_from_plan_of_a_chain_is_respace():
         sched._fields, sampling.schedule_from_plan(plan), sampling.respace(sched, steps)
     ):
         np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=field)
+
+
+# ---------------------------------------------------------------------------------------------
+# LCM: LCMScheduler.from_config of a pipeline folder's config (an SD folder names PNDM)
+
+
+def lcm_reference(config, num_steps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.LCMScheduler.from_config(config)
+        ref.set_timesteps(num_steps)
+    return ref
+
+
+def lcm_plan(config, num_steps):
+    sched = ds.schedule_from_scheduler_config(config, sampler="lcm")
+    return ds.plan_from_scheduler_config(sched, config, "lcm", num_steps)
+
+
+LCM_CONFIGS = {
+    "sd15": SD15,  # steps_offset 1 and set_alpha_to_one false: LCMScheduler never reads them
+    "sd15_trailing": {**SD15, "timestep_spacing": "trailing"},  # nor timestep_spacing
+    "lcm_dreamshaper": {  # an LCM folder's own LCMScheduler config
+        **SD15,
+        "_class_name": "LCMScheduler",
+        "original_inference_steps": 50,
+        "set_alpha_to_one": True,
+        "timestep_scaling": 10.0,
+        "timestep_spacing": "leading",
+    },
+    "origin_25_cosine_v": {
+        "beta_schedule": "squaredcos_cap_v2",
+        "original_inference_steps": 25,
+        "prediction_type": "v_prediction",
+    },
+    "empty": {},  # LCMScheduler's defaults: scaled_linear 0.00085 .. 0.012, as SD
+}
+
+
+@pytest.mark.parametrize("config_name", LCM_CONFIGS)
+def test_lcm_plan_is_set_timesteps(config_name):
+    """Timesteps exactly; ᾱ at each and at the next visited timestep to 2e-6 relative (2e-5 for
+    the cosine schedule's clipped last β); the β LCMScheduler builds from the same config."""
+    config = LCM_CONFIGS[config_name]
+    sched = ds.schedule_from_scheduler_config(config, sampler="lcm")
+    rtol = 2e-5 if config.get("beta_schedule") == "squaredcos_cap_v2" else 2e-6
+    for num_steps in (1, 2, 4, 8):
+        plan = lcm_plan(config, num_steps)
+        ref = lcm_reference(config, num_steps)
+        msg = f"{config_name} K={num_steps}"
+        np.testing.assert_array_equal(
+            plan.timesteps, ref.timesteps.numpy().astype(np.float64)[::-1], err_msg=msg
+        )
+        abar = ref.alphas_cumprod.numpy()[ref.timesteps.numpy()]  # diffusers' order
+        np.testing.assert_allclose(plan.alphas_cumprod[::-1], abar, rtol=rtol, err_msg=msg)
+        np.testing.assert_allclose(plan.alphas_cumprod_prev[::-1][:-1], abar[1:], rtol=rtol)
+        assert plan.alphas_cumprod_prev[0] == 1.0 and plan.init_noise_scale == 1.0
+        assert ref.init_noise_sigma == 1.0
+    np.testing.assert_allclose(sched.betas, ref.betas.numpy(), rtol=3e-7)
+
+
+def test_lcm_sd15_plan_spells_out():
+    np.testing.assert_array_equal(lcm_plan(SD15, 4).timesteps, [259, 499, 759, 999])
+    np.testing.assert_array_equal(lcm_plan(SD15, 1).timesteps, [999])
+    np.testing.assert_array_equal(
+        lcm_plan({**SD15, "original_inference_steps": 4}, 2).timesteps, [499, 999]
+    )
+    assert ds.lcm_scalings_from_scheduler_config(SD15) == dict(
+        sigma_data=0.5, timestep_scaling=10.0
+    )
+    scalings = ds.lcm_scalings_from_scheduler_config({**SD15, "timestep_scaling": 4})
+    assert scalings == dict(sigma_data=0.5, timestep_scaling=4.0)
+    assert lcm_reference({**SD15, "timestep_scaling": 4}, 1).config.timestep_scaling == 4
+    # the β defaults differ from every other class's (linear 1e-4 .. 0.02)
+    linear = ds.schedule_from_scheduler_config({})
+    with pytest.raises(ValueError, match=r"beta_schedule=.*sampler='lcm'"):
+        ds.plan_from_scheduler_config(linear, {}, "lcm", 4)
+    np.testing.assert_array_equal(
+        ds.schedule_from_scheduler_config(SD15).betas,
+        ds.schedule_from_scheduler_config(SD15, sampler="lcm").betas,
+    )
+
+
+def test_lcm_sample_with_a_plan_is_diffusers():
+    """One step (no noise) of ``sample`` with the SD 1.5 plan and its scalings, and diffusers'."""
+    config = {**SD15, "timestep_scaling": 4.0}
+    sched = ds.schedule_from_scheduler_config(config, sampler="lcm")
+    plan = ds.plan_from_scheduler_config(sched, config, "lcm", 1)
+    out = sampling.sample(
+        fake_net,
+        sched,
+        SHAPE,
+        jax.random.key(0),
+        sampler="lcm",
+        plan=plan,
+        x_T=jnp.asarray(X_T),
+        **ds.lcm_scalings_from_scheduler_config(config),
+    )
+    ref = lcm_reference(config, 1)
+    t = ref.timesteps[0]
+    expected = ref.step(torch_net(torch.from_numpy(X_T), t), t, torch.from_numpy(X_T))
+    assert_close_samples(np.asarray(out), expected.prev_sample.numpy())
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"thresholding": True}, "thresholding=True"),
+        ({"clip_sample": True}, "clip_sample=True"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True"),
+        ({"original_inference_steps": 2000}, "original_inference_steps=2000"),
+        ({"original_inference_steps": 0}, "original_inference_steps=0"),
+        ({"original_inference_steps": 2}, "original_inference_steps=2"),  # K = 4 > 2
+        ({"timestep_scaling": -1.0}, "timestep_scaling=-1.0"),
+        ({"prediction_type": "flow_prediction"}, "prediction_type"),
+        ({"clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0}, None),
+    ],
+)
+def test_lcm_bad_config_names_the_field(edit, match):
+    config = {**SD15, **edit}
+    if match is None:
+        lcm_plan(config, 4)
+        return
+    with pytest.raises(ValueError, match=re.escape(match)):
+        lcm_plan(config, 4)
+    if "timestep_scaling" in edit:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            ds.lcm_scalings_from_scheduler_config(config)
+    if edit.get("original_inference_steps") in (2000, 2):  # LCMScheduler refuses them too
+        with pytest.raises(ValueError):
+            lcm_reference(config, 4)

@@ -320,3 +320,61 @@ def test_sigkill_of_the_autoencoder_method_then_resume_is_bitwise(tmp_path):
     assert got.step == want.step == AE_STEPS
     assert sorted(got.state.params) == ["disc", "vae"]
     assert dh.differing_leaves(got.state, want.state) == []
+
+
+# --- LCM distillation (a frozen teacher, a student and its EMA target) ------------------------
+
+LCM_STEPS = 24
+LCM_MOMENTS = ["startup", "step", "write", "commit"]
+
+
+def test_sigkill_of_lcm_distillation_then_resume_is_bitwise(tmp_path):
+    """Four SIGKILLs of an LCM distillation run (teacher frozen, read from its own run); each
+    restart resumes from the newest complete checkpoint, and the final student, its Adam state,
+    its EMA target θ⁻ and every logged loss are bitwise those of an uninterrupted run."""
+    env = dh.trainer_env(1)
+    teacher = tmp_path / "teacher"
+    t_over = dict(OVERRIDES, **{"train.num_steps": 4, "train.checkpoint_every": 4})
+    assert dh.Trainer(teacher, t_over, env=env, name="teacher").wait() == 0
+    over = dict(
+        OVERRIDES,
+        **{
+            "train.num_steps": LCM_STEPS,
+            "lcm.teacher": f"run:{teacher}",
+            "lcm.num_ddim_timesteps": 10,
+            "model.guidance_embed_dim": 8,
+            "sample.sampler": "lcm",
+            "sample.num_steps": 2,
+        },
+    )
+    ref_dir = tmp_path / "reference"
+    saves_once = dict(over, **{"train.checkpoint_every": LCM_STEPS})
+    reference = dh.Trainer(ref_dir, saves_once, env=env, name="ref", config=dh.LCM)
+    assert reference.wait() == 0, reference.stderr()[-3000:]
+    ref_losses = {r["step"]: r["loss"] for r in dh.read_metrics(ref_dir)}
+    assert sorted(ref_losses) == list(range(1, LCM_STEPS + 1))
+
+    rng = random.Random(KILL_SEED + 2)
+    workdir = tmp_path / "killed"
+    kill_env = dh.trainer_env(1, cache_writes=False)
+    for i, moment in enumerate(LCM_MOMENTS):
+        start = max(dh.steps_on_disk(workdir), default=0)
+        trainer = dh.Trainer(workdir, over, env=kill_env, name=f"attempt{i}", config=dh.LCM)
+        try:
+            hit = _kill_moment(trainer, moment, start, rng)
+        finally:
+            trainer.kill()
+        assert trainer.proc.returncode == -9, trainer.stderr()[-3000:]
+        assert hit == moment, f"attempt {i}: wanted a kill at {moment}, got {hit}"
+    last_start = max(dh.steps_on_disk(workdir), default=0)
+    final = dh.Trainer(workdir, over, env=kill_env, name="final", config=dh.LCM)
+    assert final.wait() == 0, final.stderr()[-3000:]
+    if last_start:
+        assert f"resumed from step {last_start}" in final.stderr()
+    for record in dh.read_metrics(workdir):
+        assert record["loss"] == ref_losses[record["step"]], record["step"]
+    got = dh.restore(workdir, over, experiment=dh.LCM)
+    want = dh.restore(ref_dir, over, experiment=dh.LCM)
+    assert got.step == want.step == LCM_STEPS
+    assert sorted(got.state.params) == ["student"] and sorted(got.state.ema) == ["target"]
+    assert dh.differing_leaves(got.state, want.state) == []

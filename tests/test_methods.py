@@ -84,7 +84,7 @@ class Toy(methods.Method):
 
         return [GradUpdate("student", distill), GradUpdate("adapter", classify, "adapter/")]
 
-    def sample_params(self, state, frozen):
+    def sample_params(self, state, frozen, cfg):
         return state.ema["ema"]
 
     def sample_network(self, cfg):

@@ -51,7 +51,7 @@ def _registry_choices() -> dict:
     return {
         "method": tuple(methods.names()),
         "model.name": tuple(models.FAMILIES),
-        "sample.sampler": tuple(sampling.SAMPLERS),
+        "sample.sampler": tuple(sampling.SAMPLER_NAMES),
     }
 
 

@@ -170,6 +170,7 @@ def main(argv):
         elif FLAGS.mode == "train":
             from diffusax.train import loop
 
+            method.prepare(cfg)  # what the run needs first (a distillation's teacher)
             result = loop.train(cfg, FLAGS.workdir)
             if result.stopped_by is not None:
                 return loop.EXIT_SIGTERM if result.stopped_by == 15 else loop.EXIT_SIGINT

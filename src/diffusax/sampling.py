@@ -1,5 +1,6 @@
 """Samplers as pure step functions run in ``lax.scan``: DDPM, DDIM, DPM-Solver++(2M), Euler and
-Euler-ancestral (Karras et al. 2022, as diffusers' Euler(Ancestral)DiscreteScheduler); CFG.
+Euler-ancestral (Karras et al. 2022, as diffusers' Euler(Ancestral)DiscreteScheduler), LCM's
+multistep consistency sampler (Luo et al. 2023, diffusers' LCMScheduler); CFG.
 
 Conventions (see ``schedules`` and ``diffusion``):
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax import conditions, diffusion
+from diffusax import conditions, consistency, diffusion
 from diffusax.schedules import Schedule, log_snr, make_schedule, schedule_of
 
 SPACINGS = ("uniform", "leading", "trailing")
@@ -376,6 +377,43 @@ def euler_ancestral_step(
     return jnp.sqrt(sched.alphas_cumprod_prev[i]) * x_next, x0
 
 
+def lcm_step(
+    sched: Schedule,
+    model_out,
+    x,
+    i,
+    t,
+    noise,
+    *,
+    prediction: str = "eps",
+    var_type: str = "fixed_large",
+    clip_x0: float | None = None,
+    sigma_data: float = consistency.SIGMA_DATA,
+    timestep_scaling: float = consistency.TIMESTEP_SCALING,
+):
+    """LCM's multistep consistency sampling (Luo et al. 2023, Algorithm 1 of Song et al. 2023;
+    diffusers' LCMScheduler.step): with t (B,) the network's timestep at step i,
+
+        x̂_0      from the output (``predict_x0_eps``: any ``prediction``, optionally clipped),
+        denoised = c_skip(t) x + c_out(t) x̂_0          (``consistency.consistency_function``),
+        x_prev   = √ᾱ_prev denoised + √(1 - ᾱ_prev) z   (i > 0),   x_prev = denoised   (i = 0),
+
+    ᾱ_prev = alphas_cumprod_prev[i], on a respaced schedule the ᾱ of the next visited timestep:
+    each step jumps to the clean sample and re-noises it to the next noise level. The last step
+    returns ``denoised`` whatever alphas_cumprod_prev[0] is. Returns (x_prev, denoised). A
+    learned variance half of the output is ignored.
+    """
+    x0, _ = predict_x0_eps(
+        sched, model_out, x, i, prediction=prediction, var_type=var_type, clip_x0=clip_x0
+    )
+    denoised = consistency.consistency_function(
+        x, t, x0, sigma_data=sigma_data, timestep_scaling=timestep_scaling
+    )
+    abar_prev = sched.alphas_cumprod_prev[i]
+    renoised = jnp.sqrt(abar_prev) * denoised + jnp.sqrt(1.0 - abar_prev) * noise
+    return jnp.where(i > 0, renoised, denoised), denoised
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
@@ -402,28 +440,43 @@ def _check_output(out, x, var_type):
         )
 
 
-# The registry of samplers: name -> step(sched, out, x, i, noise(), x0_prev, eta, **kwargs).
+# The registry of samplers: name -> step(sched, out, x, i, noise(), x0_prev, eta, t, **kwargs),
+# t (B,) the network's timestep at step i (int32, or float32 for a plan's fractional ones).
 # ``noise`` is a thunk, so that the deterministic solvers draw nothing.
 SAMPLERS = {
-    "ddpm": lambda sub, out, x, i, noise, x0_prev, eta, **kw: ddpm_step(
+    "ddpm": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: ddpm_step(
         sub, out, x, i, noise(), **kw
     ),
-    "ddim": lambda sub, out, x, i, noise, x0_prev, eta, **kw: ddim_step(
+    "ddim": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: ddim_step(
         sub, out, x, i, noise(), eta=eta, **kw
     ),
-    "dpm++2m": lambda sub, out, x, i, noise, x0_prev, eta, **kw: dpmpp_2m_step(
+    "dpm++2m": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: dpmpp_2m_step(
         sub, out, x, i, x0_prev, **kw
     ),
-    "euler": lambda sub, out, x, i, noise, x0_prev, eta, **kw: euler_step(sub, out, x, i, **kw),
-    "euler_a": lambda sub, out, x, i, noise, x0_prev, eta, **kw: euler_ancestral_step(
+    "euler": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: euler_step(
+        sub, out, x, i, **kw
+    ),
+    "euler_a": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: euler_ancestral_step(
         sub, out, x, i, noise(), **kw
     ),
 }
 
 
+def _lcm_entry(sub, out, x, i, noise, x0_prev, eta, t=None, **kw):
+    if t is None:
+        raise ValueError("sampler 'lcm' needs the network timestep t")
+    return lcm_step(sub, out, x, i, t, noise(), **kw)
+
+
+# Samplers whose step does not end with x̂_0 (the consistency function adds c_skip(t) x), kept
+# apart from SAMPLERS, whose tests assume it does; same signature. ``sample`` takes either.
+CONSISTENCY_SAMPLERS = {"lcm": _lcm_entry}
+SAMPLER_NAMES = (*SAMPLERS, *CONSISTENCY_SAMPLERS)
+
+
 def _validate(sampler, prediction, var_type, eta, spacing):
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLER_NAMES)}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
     if prediction not in diffusion.PREDICTIONS:
@@ -456,24 +509,40 @@ def sample(
     clip_x0: float | None = None,
     x_T=None,
     return_trajectory: bool = False,
+    sigma_data: float = consistency.SIGMA_DATA,
+    timestep_scaling: float = consistency.TIMESTEP_SCALING,
 ):
     """Draw samples of ``shape`` (B, ...) by running one sampler's step in ``lax.scan``.
 
     sampler:   'ddpm' (ancestral, σ² by ``var_type``), 'ddim' (with ``eta``), 'dpm++2m',
-               'euler' or 'euler_a' (``euler_step``, ``euler_ancestral_step``). All but 'ddpm'
+               'euler' or 'euler_a' (``euler_step``, ``euler_ancestral_step``), 'lcm'
+               (``lcm_step``, a consistency model's multistep sampling). All but 'ddpm'
                ignore a learned variance half.
     num_steps: visit this many timesteps chosen by ``spacing`` (``timestep_subset``); or give
-               ``timesteps`` explicitly; neither: all T.
+               ``timesteps`` explicitly; neither: all T. For 'lcm', num_steps = K visits
+               ``consistency.lcm_timesteps(T, K)`` (LCMScheduler's: K ≤ 50, 999, 759, 499, 259
+               for K = 4 and T = 1000) and ``spacing`` is ignored; it needs num_steps,
+               timesteps or a plan.
     plan:      instead of those, a ``SamplingPlan``: its timesteps are the network's input
                (float32 when any is fractional), ``schedule_from_plan(plan)`` the schedule the
                steps index, and the chain starts from plan.init_noise_scale · x_T (the
                trajectory starts there too). ``sched`` then only bounds the timesteps.
     x_T:       the starting noise; by default N(0, I) from ``key``.
+    sigma_data, timestep_scaling: the boundary scalings of 'lcm' (``consistency``; diffusers'
+               LCMScheduler: 0.5 and its config's timestep_scaling); other samplers refuse
+               values other than the defaults.
     Jittable with everything but ``key``, ``x_T`` and ``eta`` static (close over ``model_fn``,
     ``sched`` and ``plan``). Returns the samples, or (samples, trajectory of shape (K+1, B, ...)
     from x_T). Bad arguments raise ValueError before anything is traced.
     """
     _validate(sampler, prediction, var_type, eta, spacing)
+    consistency.check_scalings(sigma_data, timestep_scaling)
+    defaults = (consistency.SIGMA_DATA, consistency.TIMESTEP_SCALING)
+    if sampler != "lcm" and (sigma_data, timestep_scaling) != defaults:
+        raise ValueError(
+            f"sigma_data={sigma_data} and timestep_scaling={timestep_scaling} apply only to "
+            f"sampler='lcm', not {sampler!r}"
+        )
     if plan is not None:
         if num_steps is not None or timesteps is not None:
             raise ValueError("pass plan or num_steps / timesteps, not both")
@@ -481,7 +550,12 @@ def sample(
         steps, sub = plan.timesteps, schedule_from_plan(plan)
         fractional = bool(np.any(steps != np.round(steps)))
     else:
-        steps = resolve_timesteps(sched.num_timesteps, num_steps, timesteps, spacing)
+        if sampler == "lcm" and timesteps is None:
+            if num_steps is None:
+                raise ValueError("sampler='lcm' needs num_steps, timesteps or a plan")
+            steps = consistency.lcm_timesteps(sched.num_timesteps, num_steps)
+        else:
+            steps = resolve_timesteps(sched.num_timesteps, num_steps, timesteps, spacing)
         sub, fractional = respace(sched, steps), False
     shape = tuple(shape)
     if x_T is not None and tuple(x_T.shape) != shape:
@@ -491,15 +565,19 @@ def sample(
     if plan is not None and plan.init_noise_scale != 1.0:
         x = plan.init_noise_scale * x
     kwargs = dict(prediction=prediction, var_type=var_type, clip_x0=clip_x0)
+    if sampler == "lcm":
+        kwargs.update(sigma_data=sigma_data, timestep_scaling=timestep_scaling)
+    step_fn = SAMPLERS[sampler] if sampler in SAMPLERS else CONSISTENCY_SAMPLERS[sampler]
     t_dtype = jnp.float32 if fractional else jnp.int32
 
     def body(carry, step):
         x, x0_prev = carry
         i, t = step
-        out = model_fn(x, jnp.full((x.shape[0],), t, dtype=t_dtype))
+        t_batch = jnp.full((x.shape[0],), t, dtype=t_dtype)
+        out = model_fn(x, t_batch)
         _check_output(out, x, var_type)
         noise = lambda: jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, x.dtype)
-        x, x0 = SAMPLERS[sampler](sub, out, x, i, noise, x0_prev, eta, **kwargs)
+        x, x0 = step_fn(sub, out, x, i, noise, x0_prev, eta, t_batch, **kwargs)
         return (x, x0), (x if return_trajectory else None)
 
     order = np.arange(len(steps))[::-1]  # i = K-1, ..., 0

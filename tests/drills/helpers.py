@@ -30,6 +30,7 @@ TRAINER = Path(__file__).resolve().parent / "trainer.py"
 LAUNCH = Path(__file__).resolve().parent / "launch.py"
 CONFIG = REPO / "experiments" / "ddpm_digits.py"
 AUTOENCODER = REPO / "experiments" / "autoencoder_digits.py"
+LCM = REPO / "experiments" / "lcm_digits.py"
 
 # A U-Net of one level (residual blocks down and up, the middle block with its attention,
 # time and class embeddings): a checkpoint of ~0.7 MB, quick to save and restore, yet a save

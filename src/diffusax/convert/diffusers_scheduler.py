@@ -13,11 +13,18 @@ others with *that class's* defaults, and ignores the rest (an SD 1.5 folder's co
 - ``plan_from_scheduler_config(sched, config, sampler, K)`` reproduces ``set_timesteps(K)`` of
   the class behind ``sampler`` (``SCHEDULER_CLASSES``), with its defaults, as a
   ``sampling.SamplingPlan``, and rejects the values of that class's keys that would make its
-  maths differ from the project's sampler.
+  maths differ from the project's sampler;
+- ``lcm_scalings_from_scheduler_config`` gives LCMScheduler's boundary scalings as
+  ``sampling.sample``'s sigma_data / timestep_scaling.
+
+LCMScheduler is the one class whose β defaults differ (scaled_linear, 0.00085..0.012, SD's):
+``schedule_from_scheduler_config(config, sampler="lcm")`` applies them to a config that lacks
+those keys.
 
 Every error is a ValueError naming the field and its value. The facts below were read from
 diffusers 0.42's scheduling_ddim.py, scheduling_dpmsolver_multistep.py,
-scheduling_euler_discrete.py and scheduling_euler_ancestral_discrete.py, and are checked
+scheduling_euler_discrete.py, scheduling_euler_ancestral_discrete.py and scheduling_lcm.py, and
+are checked
 against those classes in tests/test_diffusers_scheduler.py.
 """
 
@@ -27,7 +34,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from diffusax import schedules
+from diffusax import consistency, schedules
 from diffusax.sampling import SamplingPlan
 from diffusax.schedules import Schedule
 
@@ -37,6 +44,7 @@ SCHEDULER_CLASSES = {
     "dpm++2m": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
 }
 # Each class's timestep_spacing default, used when the config has no such key.
 DEFAULT_SPACING = {
@@ -44,7 +52,10 @@ DEFAULT_SPACING = {
     "dpm++2m": "linspace",
     "euler": "linspace",
     "euler_a": "linspace",
+    "lcm": "leading",  # never read by LCMScheduler
 }
+# LCMScheduler's β defaults (every other class: linear, 1e-4 .. 0.02).
+LCM_BETA_DEFAULTS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -80,8 +91,11 @@ def _check_spacing(config: Mapping, default: str) -> str:
 # The schedule and the prediction
 
 
-def schedule_from_scheduler_config(config: Mapping) -> Schedule:
+def schedule_from_scheduler_config(config: Mapping, sampler: str | None = None) -> Schedule:
     """The training schedule of a diffusers scheduler config.
+
+    ``sampler`` = "lcm" reads the config as LCMScheduler does: beta_schedule, beta_start and
+    beta_end default to ``LCM_BETA_DEFAULTS`` (scaled_linear, 0.00085, 0.012) instead.
 
     num_train_timesteps T (default 1000); trained_betas (a list of T betas) if not null, else
     beta_schedule (default "linear") with beta_start / beta_end (defaults 1e-4 / 0.02):
@@ -92,6 +106,8 @@ def schedule_from_scheduler_config(config: Mapping) -> Schedule:
     float32 (ᾱ agrees to ~1e-6 relative). rescale_betas_zero_snr true and an unknown
     timestep_spacing raise.
     """
+    if sampler == "lcm":
+        config = {**LCM_BETA_DEFAULTS, **config}
     num_timesteps = _int_field(config, "num_train_timesteps", 1000, 1)
     if config.get("rescale_betas_zero_snr"):
         raise _field(
@@ -263,6 +279,61 @@ def _check_euler(config: Mapping, sampler: str) -> None:
     )
 
 
+def lcm_scalings_from_scheduler_config(config: Mapping) -> dict:
+    """LCMScheduler's boundary-condition scalings as keyword arguments of ``sampling.sample``:
+    dict(sigma_data=0.5, timestep_scaling=config's timestep_scaling, default 10.0). σ_d is no
+    config field: LCMScheduler fixes it to 0.5. ValueError, naming the field, unless
+    timestep_scaling is a finite number > 0."""
+    value = config.get("timestep_scaling", consistency.TIMESTEP_SCALING)
+    try:
+        consistency.check_scalings(consistency.SIGMA_DATA, value)
+    except ValueError:
+        raise _field(config, "timestep_scaling", value, "must be a finite number > 0") from None
+    return dict(sigma_data=consistency.SIGMA_DATA, timestep_scaling=float(value))
+
+
+def _lcm_timesteps(sched: Schedule, config: Mapping, num_timesteps: int, num_steps: int):
+    """LCMScheduler.set_timesteps(K) (descending int64), after its checks and this module's."""
+    _reject_true(config, "lcm", ("thresholding",))
+    clip = config.get("clip_sample", False)
+    if clip:
+        raise _field(
+            config,
+            "clip_sample",
+            clip,
+            f"LCMScheduler clamps x̂_0 to ±clip_sample_range="
+            f"{config.get('clip_sample_range', 1.0)}: set clip_sample false and pass "
+            f"sample(clip_x0=clip_sample_range), which is the same for LCM (it uses no ε̂)",
+        )
+    lcm_scalings_from_scheduler_config(config)
+    origin = _int_field(config, "original_inference_steps", 50, 1)
+    if origin > num_timesteps:
+        raise _field(
+            config,
+            "original_inference_steps",
+            origin,
+            f"must be <= num_train_timesteps={num_timesteps} (LCMScheduler raises)",
+        )
+    if num_steps > origin:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds scheduler config field original_inference_steps="
+            f"{origin}: LCMScheduler visits a subset of its {origin}-step grid"
+        )
+    expected = schedule_from_scheduler_config(config, sampler="lcm").betas
+    if not np.array_equal(np.asarray(sched.betas), np.asarray(expected)):
+        missing = [key for key in LCM_BETA_DEFAULTS if key not in config]
+        key = missing[0] if missing else "beta_schedule"
+        raise _field(
+            config,
+            key,
+            config.get(key, f"<absent: LCMScheduler's default {LCM_BETA_DEFAULTS[key]!r}>"),
+            "sched's betas are not LCMScheduler's for this config (whose β defaults are "
+            "scaled_linear 0.00085..0.012): build sched with "
+            "schedule_from_scheduler_config(config, sampler='lcm')",
+        )
+    return consistency.lcm_timesteps(num_timesteps, num_steps, origin)[::-1]
+
+
 def plan_from_scheduler_config(
     sched: Schedule, config: Mapping, sampler: str, num_steps: int
 ) -> SamplingPlan:
@@ -303,6 +374,20 @@ def plan_from_scheduler_config(
     solver_type, final_sigmas_type, thresholding and use_*_sigmas / use_lu_lambdas; Euler's
     final_sigmas_type, interpolation_type, use_*_sigmas and continuous timesteps with
     v_prediction; prediction_type "sample" for Euler-ancestral.
+
+    LCM (``sampling.lcm_step``; LCMScheduler's set_timesteps with strength 1): the timesteps are
+    ``consistency.lcm_timesteps(T, K, N)``, N = original_inference_steps (default 50): entries
+    ⌊jN/K⌋ of [Nk-1, ..., 2k-1, k-1], k = ⌊T/N⌋ (999, 759, 499, 259 for K = 4); each step lands
+    on the ᾱ of the next visited timestep and the last on 1 (LCMScheduler uses ᾱ_t there, but
+    its last step returns the denoised sample, so the entry is never used); init_noise_scale 1.
+    LCMScheduler never reads timestep_spacing or steps_offset, and set_alpha_to_one only for a
+    negative previous timestep, which its own timesteps never give: all three are ignored. It
+    raises for K > N and N > T (ValueError here, naming the fields); thresholding and
+    clip_sample true are refused (clip_sample: pass ``sample(clip_x0=clip_sample_range)``,
+    identical for LCM, which uses no ε̂), and so is a ``sched`` whose β are not LCMScheduler's
+    for this config (it defaults to scaled_linear: build ``sched`` with
+    ``schedule_from_scheduler_config(config, sampler="lcm")``). Its timestep_scaling is
+    ``lcm_scalings_from_scheduler_config``'s.
     """
     if sampler not in SCHEDULER_CLASSES:
         raise ValueError(
@@ -350,6 +435,11 @@ def plan_from_scheduler_config(
         prev = steps - num_timesteps // num_steps
         abar = abar_table[steps]
         abar_prev = np.where(prev >= 0, abar_table[np.maximum(prev, 0)], final)
+        scale = 1.0
+    elif sampler == "lcm":
+        steps = _lcm_timesteps(sched, config, num_timesteps, num_steps)
+        abar = abar_table[steps]
+        abar_prev = np.append(abar[1:], 1.0)
         scale = 1.0
     elif sampler == "dpm++2m":
         _check_dpm(config)

@@ -208,7 +208,7 @@ class Autoencoder(base.Method):
             updates.append(base.GradUpdate("disc", disc_loss, "disc/", with_step=True))
         return updates
 
-    def sample_params(self, state, frozen):
+    def sample_params(self, state, frozen, cfg):
         return state.params["vae"]
 
     def sample_network(self, cfg):

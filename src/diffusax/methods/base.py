@@ -8,7 +8,8 @@ checkpoints, inference, `make info` and the benchmarks ask it, through ``train.b
     emas(cfg)            -> {name: Ema}       moving averages of groups
     updates(cfg, ctx)    -> [GradUpdate]      the gradient updates of one step, in order
     validate(cfg)                              its own config fields (ConfigError naming one)
-    sample_params(state, frozen)               what inference samples or evaluates with
+    prepare(cfg)                               `make train`: what the run needs first
+    sample_params(state, frozen, cfg)          what inference samples or evaluates with
     make_sampler(run, sample_cfg)              its sampler (None: it draws no samples)
     sample_conditions(run, num, sample_cfg)    the labels / prompts / embeddings it samples
     sample_to_disk(cfg, workdir)               `make sample` (default: the run's checkpoint)
@@ -47,12 +48,17 @@ class Network:
     source:    frozen only: where its weights come from, for the checkpoint's record and the
                error messages (e.g. "run:runs/ddpm_digits", "diffusers:/models/sd-vae").
     load:      frozen only: () -> the pure parameter dict (read once, when the run is built).
+    init_from: trainable only: () -> a pure parameter dict the network starts from instead of
+               its initialisation (a student that starts as its teacher). Its leaves replace
+               those of the initialised tree at the same paths; the others (parameters the
+               teacher lacks, like a guidance embedding) keep their initialisation.
     """
 
     build: Callable[[Any], Any]
     trainable: bool = True
     source: str = ""
     load: Callable[[], dict] | None = None
+    init_from: Callable[[], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,9 @@ class GradUpdate:
     # True: the loss also takes the step, ``loss(params, frozen, batch, key, step)`` (a term
     # that starts at some step, like the autoencoder's discriminator).
     with_step: bool = False
+    # True: the loss also takes the EMAs as they were before this step, as ``ema={name: tree}``
+    # (a consistency model's target network θ⁻); no gradient flows into them.
+    with_ema: bool = False
 
 
 class Method:
@@ -109,6 +118,10 @@ class Method:
     def validate(self, cfg) -> None:
         """ConfigError naming the field for a config this method cannot run."""
 
+    def prepare(self, cfg) -> None:
+        """`make train`, before the run is built: make what it needs and lacks (a
+        distillation trains its missing teacher)."""
+
     def networks(self, cfg, data) -> dict[str, Network]:
         """``data``: ``train.build.DataSpec`` (image shape, number of classes)."""
         raise NotImplementedError
@@ -123,7 +136,7 @@ class Method:
         """``ctx``: ``train.build.Context`` (apply functions, schedule, data spec, mesh)."""
         raise NotImplementedError
 
-    def sample_params(self, state, frozen) -> dict:
+    def sample_params(self, state, frozen, cfg) -> dict:
         """The parameter tree inference samples or evaluates with (an EMA, usually)."""
         raise NotImplementedError
 

@@ -65,7 +65,7 @@ class DDPM(base.Method):
             )
         ]
 
-    def sample_params(self, state, frozen):
+    def sample_params(self, state, frozen, cfg):
         return state.ema["ema"]
 
     def sample_network(self, cfg):
@@ -157,6 +157,7 @@ def make_generate(
     mesh=None,
     condition=None,
     clip: bool = True,
+    sampler_kwargs=None,
 ):
     """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
 
@@ -171,6 +172,7 @@ def make_generate(
     With a ``condition`` (``conditions.Condition``), ``labels`` is that condition's batch (a
     pytree: caption tokens and mask, or embeddings) and guidance pairs it with its null.
     ``clip=False`` returns the samples unclipped (latents, decoded by the caller).
+    ``sampler_kwargs``: further keywords of ``sampling.sample`` (the "lcm" sampler's scalings).
     """
     decode = None
     if cfg.latents.dir:
@@ -216,6 +218,7 @@ def make_generate(
             eta=s.eta,
             clip_x0=s.clip_x0 or None,
             x_T=x_T,
+            **(sampler_kwargs or {}),
         )
         # latents are not in [-1, 1]
         return x if (decode or not clip) else jnp.clip(x, -1.0, 1.0)

@@ -126,7 +126,7 @@ class LDM(DDPM):
 
         return [base.GradUpdate("model", loss)]
 
-    def sample_params(self, state, frozen):
+    def sample_params(self, state, frozen, cfg):
         return {"model": state.ema["ema"], "vae": frozen["vae"]}
 
     def make_sampler(self, run, sample_cfg):

@@ -47,6 +47,7 @@ def _build_unet(model_cfg, *, height, channels, out_channels, num_classes, learn
         num_classes=num_classes if model_cfg.class_conditional else None,
         num_heads=model_cfg.num_heads,
         norm_groups=min(32, model_cfg.ch),
+        guidance_embed_dim=model_cfg.guidance_embed_dim,
         remat=model_cfg.remat,
         dtype=DTYPES[model_cfg.dtype],
         rngs=rngs,

@@ -75,6 +75,11 @@ class UNet(nnx.Module):
         (see `layers.timestep_embedding`).
       downsample_padding: "asymmetric" (DDPM / TF "SAME", the google/ddpm-* checkpoints) or
         "symmetric" (diffusers' default).
+      guidance_embed_dim: if > 0, the network also takes a guidance scale w (B,): the
+        sin/cos features of 1000·w (this width) pass through a bias-free linear layer into the
+        timestep features, before the timestep MLP (LCM's w-conditioned student; diffusers'
+        `time_cond_proj_dim`). The layer starts at zero, so a student built from a teacher
+        begins as the teacher.
       remat: rematerialise residual blocks in the backward pass (saves activation memory).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32. Output is float32.
     """
@@ -98,6 +103,7 @@ class UNet(nnx.Module):
         flip_sin_to_cos: bool = False,
         freq_shift: float = 1,
         downsample_padding: str = "asymmetric",
+        guidance_embed_dim: int = 0,
         remat: bool = False,
         dtype: Dtype = None,
         rngs: nnx.Rngs,
@@ -153,6 +159,19 @@ class UNet(nnx.Module):
             if num_classes is not None
             else None
         )
+        self.guidance_embed_dim = guidance_embed_dim
+        self.guidance_proj = (
+            nnx.Linear(
+                guidance_embed_dim,
+                ch,
+                use_bias=False,
+                kernel_init=nnx.initializers.zeros_init(),
+                dtype=dtype,
+                rngs=rngs,
+            )
+            if guidance_embed_dim
+            else None
+        )
 
         # Encoder. `skip_channels` records the channels of each activation pushed on the skip
         # stack, so the decoder's concatenations get the right input widths.
@@ -205,10 +224,13 @@ class UNet(nnx.Module):
         t: jax.Array,
         y: jax.Array | None = None,
         *,
+        guidance: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """x: (B, H, W, in_channels), t: (B,) or scalar, y: (B,) int labels or None, or
-        (B, num_classes + 1) float label weights (`layers.embed_labels`).
+        (B, num_classes + 1) float label weights (`layers.embed_labels`). guidance: (B,) or
+        scalar w, for a U-Net built with `guidance_embed_dim` (None: no guidance term, as
+        diffusers' `timestep_cond=None`).
 
         Returns (B, H, W, out_channels) float32. Dropout is applied only when `dropout_key` is
         given. With `num_classes` set, y=None means the null label for every example.
@@ -217,6 +239,8 @@ class UNet(nnx.Module):
         temb = timestep_embedding(
             t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
         )  # (B, ch)
+        if guidance is not None:
+            temb = temb + self._guidance_features(guidance, x.shape[0])  # (B, ch)
         temb = self.time_embed_2(nnx.silu(self.time_embed_1(temb)))  # (B, 4ch)
         if self.class_embed is not None:
             temb = temb + embed_labels(self.class_embed, y)  # (B, 4ch)
@@ -249,6 +273,16 @@ class UNet(nnx.Module):
 
         h = self.conv_out(nnx.silu(self.norm_out(h)))  # (B, H, W, out_channels)
         return h.astype(jnp.float32)
+
+    def _guidance_features(self, w, batch: int) -> jax.Array:
+        if self.guidance_proj is None:
+            raise ValueError("guidance given but the U-Net was built with guidance_embed_dim=0")
+        w = batch_timesteps(jnp.asarray(w, jnp.float32), batch)
+        # LCM's embedding of w: the sinusoidal features of 1000·w, sin first, freq_shift 1.
+        emb = timestep_embedding(
+            1000.0 * w, self.guidance_embed_dim, flip_sin_to_cos=False, freq_shift=1
+        )
+        return self.guidance_proj(emb)  # (B, ch)
 
     def _check_inputs(self, x, t, y):
         """Shape checks at trace time, so a wrong input fails before compilation."""

@@ -34,6 +34,7 @@ from diffusax.train import optim
 from diffusax.train.state import (
     abstract_train_state,
     create_train_state,
+    flat_paths,
     merge_trees,
     split_params,
     split_tree,
@@ -131,9 +132,33 @@ class Run:
         return params
 
     def init_state(self):
-        """The step-0 state, born in its sharding."""
+        """The step-0 state, born in its sharding (networks with ``init_from``: their loaded
+        trees over the initialised ones, passed in as arguments rather than constants)."""
+        starts = {
+            self.ctx.group_of[name]: (name, net.init_from())
+            for name, net in self.networks.items()
+            if net.trainable and net.init_from is not None
+        }
+        if not starts:
+            return create_train_state(
+                self.init_params, self.optimizers, self.emas, self.init_key, self.shardings
+            )
+        abstract = self.abstract.params
+        loaded = {  # {group: {path: array}}, checked against the group's shapes
+            group: _start_leaves(name, self.networks[name].source, tree, abstract[group])
+            for group, (name, tree) in starts.items()
+        }
+
+        def init_params(key, loaded):
+            params = self.init_params(key)
+            for group, leaves in loaded.items():
+                params[group] = jax.tree_util.tree_map_with_path(
+                    lambda p, x, leaves=leaves: leaves.get(_path_key(p), x), params[group]
+                )
+            return params
+
         return create_train_state(
-            self.init_params, self.optimizers, self.emas, self.init_key, self.shardings
+            init_params, self.optimizers, self.emas, self.init_key, self.shardings, loaded
         )
 
     @functools.cached_property
@@ -221,7 +246,7 @@ class Run:
         )
 
     def sample_params(self, state) -> dict:
-        return self.method.sample_params(state, self.frozen())
+        return self.method.sample_params(state, self.frozen(), self.cfg)
 
 
 def load_from_run(run_dir: str, path: tuple[str, ...] = ("ema", "ema")):
@@ -276,6 +301,26 @@ def _check_frozen_shapes(name, source, loaded, abstract) -> None:
             f"frozen network {name!r} from {source!r} does not fit the config: missing "
             f"{missing}, unexpected {extra}, other shapes {[(k, got[k], want[k]) for k in shapes]}"
         )
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _start_leaves(name, source, tree, abstract) -> dict:
+    """{path: array} of a loaded start tree, each path one of ``abstract``'s (a nested pure
+    dict) with its shape: a ConfigError names what does not fit."""
+    want = flat_paths(abstract)
+    got = flat_paths(tree)
+    extra = sorted(set(got) - set(want))[:3]
+    shapes = [(p, np.shape(x), want[p].shape) for p, x in got.items() if p in want]
+    shapes = [s for s in shapes if tuple(s[1]) != tuple(s[2])][:3]
+    if extra or shapes:
+        raise config_lib.ConfigError(
+            f"network {name!r} cannot start from {source!r}: unexpected {extra}, other shapes "
+            f"{shapes}"
+        )
+    return {p: np.asarray(x, want[p].dtype) for p, x in got.items()}
 
 
 def _flat(tree):

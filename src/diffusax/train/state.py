@@ -144,11 +144,11 @@ def init_state(params: dict, optimizers: dict, emas: dict) -> TrainState:
     )
 
 
-def create_train_state(init_params, optimizers, emas, key, shardings=None) -> TrainState:
-    """``init_params(key) -> {group: tree}`` to the step-0 state; with ``shardings`` the arrays
-    are born sharded (jit out_shardings)."""
-    fn = lambda k: init_state(init_params(k), optimizers, emas)
-    return jax.jit(fn, out_shardings=shardings)(key)
+def create_train_state(init_params, optimizers, emas, key, shardings=None, *args) -> TrainState:
+    """``init_params(key, *args) -> {group: tree}`` to the step-0 state; with ``shardings`` the
+    arrays are born sharded (jit out_shardings). ``args`` (loaded trees) are jit arguments."""
+    fn = lambda k, *a: init_state(init_params(k, *a), optimizers, emas)
+    return jax.jit(fn, out_shardings=shardings)(key, *args)
 
 
 def abstract_train_state(abstract_params, optimizers, emas) -> TrainState:
@@ -158,6 +158,7 @@ def abstract_train_state(abstract_params, optimizers, emas) -> TrainState:
 
 __all__ = [
     "STATE_LAYOUT",
+    "flat_paths",
     "TrainState",
     "abstract_train_state",
     "create_train_state",

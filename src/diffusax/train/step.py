@@ -52,25 +52,26 @@ def make_train_step(
     base_key = jax.random.key(seed)
 
     def group_grad_fn(update):
-        def loss_of_group(group_params, params, frozen, batch, key, step):
+        def loss_of_group(group_params, params, frozen, batch, key, step, ema):
             args = (frozen, batch, key, step) if update.with_step else (frozen, batch, key)
-            return update.loss({**params, update.group: group_params}, *args)
+            kwargs = {"ema": ema} if update.with_ema else {}
+            return update.loss({**params, update.group: group_params}, *args, **kwargs)
 
         return jax.value_and_grad(loss_of_group, has_aux=True)
 
     grad_fns = [group_grad_fn(u) for u in updates]
 
-    def accumulated_grads(grad_fn, group_params, params, frozen, batch, key, step):
+    def accumulated_grads(grad_fn, group_params, params, frozen, batch, key, step, ema):
         micro = split_micro_batches(batch, accum_steps, mesh)
 
         def body(total, xs):
             index, micro_batch = xs
             key_k = jax.random.fold_in(key, index)
-            out = grad_fn(group_params, params, frozen, micro_batch, key_k, step)
+            out = grad_fn(group_params, params, frozen, micro_batch, key_k, step, ema)
             return jax.tree.map(jnp.add, total, out), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, group_params, params, frozen, first, key, step)
+        shapes = jax.eval_shape(grad_fn, group_params, params, frozen, first, key, step, ema)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
         return jax.tree.map(lambda x: x / accum_steps, total)
@@ -87,10 +88,12 @@ def make_train_step(
             )
             g = update.group
             if accum_steps == 1:
-                (loss, aux), grads = grad_fn(params[g], params, frozen, batch, key, state.step)
+                (loss, aux), grads = grad_fn(
+                    params[g], params, frozen, batch, key, state.step, state.ema
+                )
             else:
                 (loss, aux), grads = accumulated_grads(
-                    grad_fn, params[g], params, frozen, batch, key, state.step
+                    grad_fn, params[g], params, frozen, batch, key, state.step, state.ema
                 )
             change, opt_state[g] = optimizers[g].update(grads, opt_state[g], params[g])
             params[g] = optax.apply_updates(params[g], change)
