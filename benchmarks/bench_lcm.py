@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     if not result["runs"]:
         print("nothing to record: train a student first", file=sys.stderr)
         return 1
-    paths = harness.save_results(result, args.out, "lcm_cpu.json", "RESULTS_LCM.md", HEADER, "".join(rows))
+    paths = harness.save_results(
+        result, args.out, "lcm_cpu.json", "RESULTS_LCM.md", HEADER, "".join(rows)
+    )
     print("recorded", *paths)
     return 0
 

@@ -8,10 +8,19 @@ EXP=sd15 ARGS=--config.pretrained=DIR` does, and from the same initial latents w
 guidance and negative prompts produces diffusers' images: max |ours − diffusers| < 2e-4 on
 [0, 1] images (measured about 1e-6). The text-encoder states and one U-Net call agree to float32
 rounding too. Bad folders and noise files stop before compiling, naming the file or field.
+
+LCM-LoRA (``--config.lora=FILE --config.sample.sampler=lcm``): a random LoRA on the LCM-LoRA's
+modules (attention, feed-forward, 1x1 projections, resnet and resampler convs, time projections),
+written as diffusers' save_lora_weights does (PEFT keys, lora_alpha in the header) and in kohya's
+format, against the pipeline with LCMScheduler.from_config and load_lora_weights (unfused). The
+fresh noise LCMScheduler.step adds between steps is replaced, in diffusers, by the noise our
+sampler draws (``step_noise``); a 1-step run draws none. max |ours − diffusers| < 2e-4 on [0, 1]
+images, measured about 1e-6.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -28,16 +37,23 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.schedulers import scheduling_lcm
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffusax.config import ConfigError, load_experiment
 from diffusax.methods import stable_diffusion as sd
+from diffusax.methods.ddpm import padded_batch_size
 from diffusax.parallel import make_mesh
 from tests.test_clip_tokenizer import write_vocab_and_merges
+from tests.test_lora import kohya_state
 from tests.test_unet_cond import randomise_torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +276,232 @@ def test_make_sample_writes_diffusers_images_from_a_noise_file(folder, tmp_path)
     np.testing.assert_array_equal(np.asarray(Image.open(out / pngs[0])), saved["images"][0])
 
 
+# ---------------------------------------------------------------- LCM-LoRA
+
+# The modules the public LCM-LoRA for SD 1.5 adapts (PEFT target_modules of its training script).
+LCM_LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+]
+
+
+@pytest.fixture(scope="module")
+def lora_files(folder, tmp_path_factory):
+    """{"peft": diffusers' save_lora_weights file (r 4, lora_alpha 8: scale 2), "kohya": the
+    same factors in kohya's format at alpha 2 (scale 0.5)} and the number of modules."""
+    _, pipe = folder
+    unet = copy.deepcopy(pipe.unet)  # the fixture's pipeline stays without adapters
+    torch.manual_seed(4)  # init_lora_weights=False: B random too, so the LoRA shows
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=LCM_LORA_TARGETS)
+    unet.add_adapter(config)
+    factors = get_peft_model_state_dict(unet)
+    out = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=factors, unet_lora_adapter_metadata=config.to_dict()
+    )
+    save_file(kohya_state(factors, alpha=2.0), out / "kohya.safetensors")
+    files = {"peft": out / "pytorch_lora_weights.safetensors", "kohya": out / "kohya.safetensors"}
+    return files, len(factors) // 2
+
+
+def step_noise(cfg, num_steps: int, n: int) -> list:
+    """The noise our lcm sampler adds after each of diffusers' steps 0..K-2 (NHWC, n rows): scan
+    step i = K-1-c draws N(0, I) of the padded batch from fold_in(split(batch key)[1], i)."""
+    batch = padded_batch_size(min(cfg.sample.batch_size, n), make_mesh().size)
+    _, steps_key = jax.random.split(sd.batch_key(cfg, 0))
+    draw = lambda i: jax.random.normal(jax.random.fold_in(steps_key, i), (batch, 8, 8, 4))
+    return [np.asarray(draw(num_steps - 1 - c))[:n] for c in range(num_steps - 1)]
+
+
+def diffusers_lcm_images(path, lora_file, latents, num_steps, guidance, noise, monkeypatch):
+    """StableDiffusionPipeline with LCMScheduler.from_config(its config) and
+    load_lora_weights(lora_file) (None: no LoRA), LCMScheduler.step's fresh noise replaced by
+    ``noise`` (one NHWC array per step but the last); images in [0, 1]."""
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file))
+    given = iter(noise)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
+        z = torch.from_numpy(next(given).transpose(0, 3, 1, 2).copy())
+        assert tuple(shape) == tuple(z.shape), (shape, z.shape)
+        return z.to(dtype)
+
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
+        images = pipe(
+            PROMPTS,
+            negative_prompt=NEGATIVES,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance,
+            latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+            output_type="np",
+        ).images
+    assert next(given, None) is None  # every step but the last drew its noise
+    return images
+
+
+def lcm_config(path, lora_file, num_steps, guidance, **overrides):
+    return sd_config(
+        path,
+        **{
+            "lora": str(lora_file),
+            "sample.sampler": "lcm",
+            "sample.num_steps": num_steps,
+            "sample.guidance_scale": guidance,
+            **overrides,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "fmt, num_steps, guidance", [("kohya", 4, 1.0), ("peft", 4, 1.0), ("peft", 1, 1.5)]
+)
+def test_lcm_lora_images_equal_diffusers(folder, lora_files, monkeypatch, fmt, num_steps, guidance):
+    """LCMScheduler's timesteps (999, 759, 499, 259) and boundary scalings from the folder's
+    scheduler config, the LoRA fused into the U-Net at load; guidance 1: one U-Net branch, as
+    diffusers (no negative prompt used); 1.5: classifier-free guidance."""
+    path, _ = folder
+    files, modules = lora_files
+    cfg = lcm_config(path, files[fmt], num_steps, guidance)
+    ours = sd.load(cfg)
+    assert len(ours.plan.lora.adapters) == modules
+    if num_steps == 4:
+        np.testing.assert_array_equal(ours.plan.steps.timesteps, [259, 499, 759, 999])
+    latents = initial_latents()
+    noise = step_noise(cfg, num_steps, len(latents))
+    theirs = diffusers_lcm_images(
+        path, files[fmt], latents, num_steps, guidance, noise, monkeypatch
+    )
+    plain = diffusers_lcm_images(path, None, latents, num_steps, guidance, noise, monkeypatch)
+    assert np.abs(theirs - plain).max() > 0.05  # the LoRA changes the images
+    mine = sd.draw(ours, cfg, make_mesh(), latents)  # [-1, 1]
+    assert mine.shape == theirs.shape == (2, 16, 16, 3)
+    diff = np.abs((mine + 1) / 2 - theirs).max()
+    print(f"lcm {fmt} {num_steps} steps guidance {guidance}: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-4, diff
+
+
+def test_make_sample_with_an_lcm_lora_writes_diffusers_images(folder, lora_files, tmp_path):
+    """The issue's command: --config.lora=FILE --config.sample.sampler=lcm, 4 steps, guidance 1."""
+    path, _ = folder
+    files, _ = lora_files
+    latents = initial_latents()
+    noise_file = tmp_path / "noise.npy"
+    np.save(noise_file, latents)
+    proc = run_main(
+        tmp_path / "run",
+        f"--config.pretrained={path}",
+        f"--config.lora={files['kohya']}",
+        "--config.sample.sampler=lcm",
+        "--config.sample.num_steps=4",
+        "--config.sample.guidance_scale=1",
+        f"--config.sample.prompt={'|'.join(PROMPTS)}",
+        f"--config.sample.negative_prompt={'|'.join(NEGATIVES)}",
+        f"--config.sample.noise={noise_file}",
+        "--config.sample.batch_size=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run" / "samples"
+    saved = np.load(out / "samples.npz")
+    cfg = lcm_config(path, files["kohya"], 4, 1.0)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        theirs = diffusers_lcm_images(
+            path, files["kohya"], latents, 4, 1.0, step_noise(cfg, 4, 2), monkeypatch
+        )
+    assert np.abs(saved["images"].astype(np.float32) - np.round(theirs * 255)).max() <= 1
+    assert len(list(out.glob("0*.png"))) == 2
+
+
+def write_lora(tmp_path, state: dict) -> Path:
+    file = tmp_path / "bad.safetensors"
+    save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, file)
+    return file
+
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # (32, 32) in the tiny U-Net
+BAD_LORAS = [
+    (
+        {
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros(
+                (4, 32)
+            ),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.zeros(
+                (32, 4)
+            ),
+        },
+        r"text-encoder keys.*lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    ),
+    (
+        {
+            "unet.down_blocks.3.resnets.0.conv1.lora_A.weight": np.zeros((4, 32, 3, 3)),
+            "unet.down_blocks.3.resnets.0.conv1.lora_B.weight": np.zeros((32, 4, 1, 1)),
+        },
+        r"unknown modules for this base: unet\.down_blocks\.3\.resnets",
+    ),
+    (
+        {
+            f"unet.{Q}.lora_A.weight": np.zeros((4, 64)),
+            f"unet.{Q}.lora_B.weight": np.zeros((32, 4)),
+        },
+        r"shape mismatches: unet\..*to_q: \(4, 64\), \(32, 4\) for kernel \(32, 32\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("state, message", BAD_LORAS)
+def test_a_lora_file_that_does_not_fit_the_unet_is_refused(folder, tmp_path, state, message):
+    path, _ = folder
+    file = write_lora(tmp_path, state)
+    cfg = sd_config(path, lora=str(file))
+    with pytest.raises(
+        ConfigError, match=r"config field 'lora': .*bad\.safetensors, for the U-Net"
+    ):
+        sd.plan(cfg)
+    with pytest.raises(ConfigError, match=message):
+        sd.plan(cfg)
+
+
+def test_a_missing_or_unreadable_lora_file_is_refused(folder, tmp_path):
+    path, _ = folder
+    with pytest.raises(ConfigError, match=r"config field 'lora': no file .*nowhere\.safetensors"):
+        sd.plan(sd_config(path, lora=str(tmp_path / "nowhere.safetensors")))
+    junk = tmp_path / "lora.bin"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"'lora': .*lora\.bin is not a safetensors LoRA file"):
+        sd.plan(sd_config(path, lora=str(junk)))
+
+
+def test_the_command_line_refuses_a_bad_lora_file_before_compiling(folder, tmp_path):
+    path, _ = folder
+    file = write_lora(tmp_path, BAD_LORAS[0][0])
+    proc = run_main(
+        tmp_path / "run",
+        f"--config.pretrained={path}",
+        f"--config.lora={file}",
+        "--config.sample.sampler=lcm",
+        "--config.sample.num_steps=4",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config field 'lora'" in proc.stderr and "bad.safetensors" in proc.stderr
+    assert "text-encoder keys" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def run_main(workdir, *flags, mode="sample"):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's cache and 8 CPU devices carry over
     cmd = [
@@ -385,6 +627,15 @@ def test_make_info_describes_the_folder_without_reading_weights(folder):
     assert "prediction eps" in text and "images: 16x16, latents 8x8x4" in text
     # SD's DDIM timesteps: leading spacing, steps_offset 1 (diffusers: 751, 501, 251, 1).
     assert "timesteps [751.0, 501.0, 251.0, 1.0]" in text
+
+
+def test_make_info_names_the_lora_file_and_the_lcm_timesteps(folder, lora_files):
+    path, _ = folder
+    files, modules = lora_files
+    text = sd.StableDiffusion().describe_run(lcm_config(path, files["peft"], 4, 1.0))
+    assert f"lora: {files['peft']}, {modules} U-Net modules adapted (rank 4)" in text
+    assert "sampler: lcm, 4 steps, guidance 1.0" in text
+    assert "timesteps [999.0, 759.0, 499.0, 259.0]" in text
 
 
 def test_image_sizes_the_networks_cannot_halve_are_refused(folder):

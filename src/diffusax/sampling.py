@@ -511,6 +511,7 @@ def sample(
     return_trajectory: bool = False,
     sigma_data: float = consistency.SIGMA_DATA,
     timestep_scaling: float = consistency.TIMESTEP_SCALING,
+    lcm_origin_steps: int = 50,
 ):
     """Draw samples of ``shape`` (B, ...) by running one sampler's step in ``lax.scan``.
 
@@ -531,6 +532,8 @@ def sample(
     sigma_data, timestep_scaling: the boundary scalings of 'lcm' (``consistency``; diffusers'
                LCMScheduler: 0.5 and its config's timestep_scaling); other samplers refuse
                values other than the defaults.
+    lcm_origin_steps: the grid 'lcm' picks num_steps timesteps from (LCMScheduler's
+               original_inference_steps; a student distilled on another DDIM grid passes its own).
     Jittable with everything but ``key``, ``x_T`` and ``eta`` static (close over ``model_fn``,
     ``sched`` and ``plan``). Returns the samples, or (samples, trajectory of shape (K+1, B, ...)
     from x_T). Bad arguments raise ValueError before anything is traced.
@@ -553,7 +556,7 @@ def sample(
         if sampler == "lcm" and timesteps is None:
             if num_steps is None:
                 raise ValueError("sampler='lcm' needs num_steps, timesteps or a plan")
-            steps = consistency.lcm_timesteps(sched.num_timesteps, num_steps)
+            steps = consistency.lcm_timesteps(sched.num_timesteps, num_steps, lcm_origin_steps)
         else:
             steps = resolve_timesteps(sched.num_timesteps, num_steps, timesteps, spacing)
         sub, fractional = respace(sched, steps), False

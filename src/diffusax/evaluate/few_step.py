@@ -16,7 +16,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from diffusax import inference, methods
 from diffusax.evaluate import classifier as classifier_lib
@@ -28,7 +27,7 @@ from diffusax.train.build import open_split
 def _timed_draw(generate, params, run, num, sample_cfg, key):
     """(images in [-1, 1], labels, seconds per image in steady state)."""
     conds, meta = run.method.sample_conditions(run, num, sample_cfg)
-    draw = lambda: methods.generate_many(  # noqa: E731
+    draw = lambda: methods.generate_many(
         generate, params, num, sample_cfg.batch_size, run.data.num_classes, key, conditions=conds
     )[0]
     draw()  # compiles (and runs once)
@@ -137,7 +136,9 @@ def targets(rows, floor: float, teacher_steps: int) -> dict:
         out["allowed_fd"] = allowed
         for k in (2, 4):
             if _row(rows, "student", k):
-                out[f"{k}_steps_near_teacher"] = bool(_row(rows, "student", k)["fd_matched"] <= allowed)
+                out[f"{k}_steps_near_teacher"] = bool(
+                    _row(rows, "student", k)["fd_matched"] <= allowed
+                )
         s4 = _row(rows, "student", 4)
         if s4:
             ratio = s4["images_per_second"] / ref["images_per_second"]

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax import consistency, diffusion, sampling
+from diffusax import consistency, diffusion
 from diffusax.config import ConfigError
 from diffusax.methods import base, ddpm
 
@@ -162,7 +162,9 @@ class LCM(ddpm.DDPM):
                 f"{c.w_min} / {c.w_max}"
             )
         base.check_fields(cfg, "lcm", positive=("huber_c", "sigma_data", "timestep_scaling"))
-        base.check_fields(cfg, "lcm", unit_interval=("ema_decay",), non_negative=("lecture_lambda",))
+        base.check_fields(
+            cfg, "lcm", unit_interval=("ema_decay",), non_negative=("lecture_lambda",)
+        )
         if c.loss not in LOSSES:
             raise ConfigError(f"config field 'lcm.loss' must be one of {LOSSES}, got {c.loss!r}")
         if not 1 <= c.ict_s0 <= c.ict_s1:
@@ -265,9 +267,7 @@ class LCM(ddpm.DDPM):
         loss = make.get(objective, self._ict_loss)(cfg, ctx)
         group = "lora" if self._lora(cfg) else "student"
         return [
-            base.GradUpdate(
-                group, loss, with_ema=objective == "lcm", with_step=objective == "ict"
-            )
+            base.GradUpdate(group, loss, with_ema=objective == "lcm", with_step=objective == "ict")
         ]
 
     def _parts(self, cfg, ctx):
@@ -320,7 +320,7 @@ class LCM(ddpm.DDPM):
             return jnp.full_like(y, classes)
 
         if cond is None and not cfg.model.class_conditional:
-            labels_of = lambda batch: None  # noqa: E731 (an unconditional model)
+            labels_of = lambda batch: None
         return sched, student, f, labels_of, null_of
 
     def _distillation_loss(self, cfg, ctx):
@@ -507,7 +507,11 @@ def lcm_sampler_kwargs(cfg, sample_cfg) -> dict:
     """The consistency scalings the "lcm" sampler takes ({} for the other samplers)."""
     if sample_cfg.sampler != "lcm":
         return {}
-    return dict(sigma_data=cfg.lcm.sigma_data, timestep_scaling=cfg.lcm.timestep_scaling)
+    return dict(
+        sigma_data=cfg.lcm.sigma_data,
+        timestep_scaling=cfg.lcm.timestep_scaling,
+        lcm_origin_steps=cfg.lcm.num_ddim_timesteps,  # the grid the student was trained on
+    )
 
 
 def adapter_scale(cfg) -> float:

@@ -6,25 +6,43 @@ in JAX, equal to diffusers' StableDiffusionPipeline.
     ε_θ      the cross-attention U-Net on z_t (B, H/8, W/8, 4), context τ_θ(y)
     guidance ε = ε(∅) + s (ε(y) − ε(∅)), ∅ the negative prompt's states ("" by default)
     sampler  DDIM, DPM-Solver++(2M), Euler or Euler ancestral on the timesteps, spacing, offset
-             and final ᾱ of the folder's scheduler_config.json (``convert.diffusers_scheduler``)
+             and final ᾱ of the folder's scheduler_config.json (``convert.diffusers_scheduler``),
+             or LCM's multistep consistency sampler as LCMScheduler.from_config(that file):
+             its β defaults, original_inference_steps grid and timestep_scaling
     decode   x = D(z / scaling_factor + shift_factor), clipped to [-1, 1]
+
+``--config.lora=FILE`` merges a LoRA file into the U-Net once, at load time (diffusers'
+``load_lora_weights`` then ``fuse_lora``): diffusers/PEFT keys (``unet.<module>.lora_A.weight``,
+alpha from the header's lora_adapter_metadata, else alpha = r) or kohya keys
+(``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), as
+``lora.import_lora`` reads them. With sampler "lcm" and a public LCM-LoRA for SD 1.5 this draws
+in 4 steps, equal to StableDiffusionPipeline with ``LCMScheduler.from_config`` and
+``load_lora_weights(FILE)``. Guidance as diffusers': none at guidance_scale 1 (one U-Net call per
+step), classifier-free otherwise (an LCM-LoRA U-Net has no guidance embedding). The file is read
+and checked against the folder's U-Net before any weight is read: a missing file, text-encoder
+keys, modules the U-Net lacks and shape mismatches stop with an error naming field 'lora'.
 
 The method trains nothing: `make sample` and `make info` run it. Everything is checked before
 any weight is read or anything compiled (``convert.diffusers_pipeline``): a missing or
 incomplete folder, another architecture (SDXL), a prediction type that contradicts the
-scheduler config, an image size the VAE cannot halve, a noise file of the wrong shape; each
-error names the file or the config field, and the command exits with status 2.
+scheduler config, an image size the VAE cannot halve, a noise file of the wrong shape, a LoRA
+file that does not fit the U-Net; each error names the file or the config field, and the command
+exits with status 2.
 
 ``sample.num_samples`` is the number of images per prompt (diffusers' num_images_per_prompt);
 ``--config.sample.noise=FILE.npy`` gives the initial latents (N, H/8, W/8, C), N a multiple of
 the number of prompts, and then fixes every image exactly. Without it, image i starts from
 N(0, I) drawn from ``fold_in(key(seed), i)``: the same images whatever the batch size. The
 initial latents are stored in samples.npz (``noise``) so that a run can be repeated exactly.
+The samplers that add noise between steps (euler_a, lcm) draw it per batch from ``batch_key``:
+those images also depend on sample.batch_size and the number of devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import re
 
@@ -34,7 +52,20 @@ from diffusax import conditions
 from diffusax.config import ConfigError
 from diffusax.methods import base
 
-SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a")
+SAMPLERS = ("ddim", "dpm++2m", "euler", "euler_a", "lcm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file read and checked against the folder's U-Net (``lora.import_lora``)."""
+
+    path: str
+    adapters: dict  # {adapter key: {"A", "B"}}, our layout, each module's alpha / r folded in B
+    scale: float  # the scale ``lora.merge`` takes (1.0: the per-module scales are in B)
+
+    @property
+    def ranks(self) -> list:
+        return sorted({int(ab["A"].shape[-1]) for ab in self.adapters.values()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +80,8 @@ class Plan:
     negative_prompts: list
     latent_shape: tuple  # (h, w, c) of one image's latents
     noise: np.ndarray | None  # (N, h, w, c) from sample.noise, or None: drawn from the seed
+    sampler_kwargs: dict = dataclasses.field(default_factory=dict)  # lcm: its scalings
+    lora: LoraFile | None = None  # merged into the U-Net by ``load``
 
 
 def _prompts(cfg) -> tuple[list, list]:
@@ -100,6 +133,46 @@ def _read_noise(path: str, latent_shape: tuple, num_prompts: int) -> np.ndarray:
     return noise.astype(np.float32)
 
 
+def _abstract_unet_params(folder) -> dict:
+    """The pure dict of the folder's U-Net parameters as shapes (nothing allocated or read)."""
+    return _abstract_unet_params_of(json.dumps(folder.unet_kwargs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_unet_params_of(unet_kwargs_json: str) -> dict:
+    from flax import nnx
+
+    from diffusax.models.unet_cond import UNetCondition
+    from diffusax.train.state import split_params
+
+    kwargs = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(unet_kwargs_json).items()
+    }
+    build = lambda: UNetCondition(**kwargs, rngs=nnx.Rngs(0))
+    return split_params(nnx.eval_shape(build))[1]  # tracing the constructor takes a second
+
+
+def _read_lora(path: str, folder) -> LoraFile:
+    """The LoRA file's adapters for the folder's U-Net; ConfigError naming field 'lora' and the
+    file unless every key fits (``lora.import_lora``'s checks, on the U-Net's shapes)."""
+    from safetensors import SafetensorError
+
+    from diffusax import lora
+    from diffusax.convert.diffusers_unet_cond import diffusers_name
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config field 'lora': no file {path!r}")
+    try:
+        adapters, scale = lora.import_lora(path, _abstract_unet_params(folder), diffusers_name)
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"config field 'lora': {path} is not a safetensors LoRA file: {e}") from e
+    except ValueError as e:  # text-encoder keys, modules the U-Net lacks, shapes, ...
+        raise ConfigError(
+            f"config field 'lora': {path}, for the U-Net of {folder.path}: {e}"
+        ) from e
+    return LoraFile(path, adapters, scale)
+
+
 def plan(cfg) -> Plan:
     """Read and check the folder, the scheduler config, the prompts and the noise file."""
     from diffusax.convert import diffusers_pipeline, diffusers_scheduler
@@ -114,8 +187,10 @@ def plan(cfg) -> Plan:
     except diffusers_pipeline.PipelineFolderError as e:
         raise ConfigError(str(e)) from e
     scheduler_file = folder.component(os.path.join("scheduler", "scheduler_config.json"))
+    sampler = cfg.sample.sampler
     try:
-        sched = diffusers_scheduler.schedule_from_scheduler_config(folder.scheduler)
+        # sampler "lcm" reads the β fields as LCMScheduler does (its defaults differ).
+        sched = diffusers_scheduler.schedule_from_scheduler_config(folder.scheduler, sampler)
         prediction = diffusers_scheduler.prediction_from_scheduler_config(folder.scheduler)
     except ValueError as e:
         raise ConfigError(f"{scheduler_file}: {e}") from e
@@ -129,7 +204,12 @@ def plan(cfg) -> Plan:
     num_steps = cfg.sample.num_steps or 50
     try:
         steps = diffusers_scheduler.plan_from_scheduler_config(
-            sched, folder.scheduler, cfg.sample.sampler, num_steps
+            sched, folder.scheduler, sampler, num_steps
+        )
+        sampler_kwargs = (
+            diffusers_scheduler.lcm_scalings_from_scheduler_config(folder.scheduler)
+            if sampler == "lcm"
+            else {}
         )
     except ValueError as e:
         raise ConfigError(f"config field 'sample.num_steps' / {scheduler_file}: {e}") from e
@@ -146,6 +226,7 @@ def plan(cfg) -> Plan:
         noise = _read_noise(cfg.sample.noise, latent_shape, len(prompts))
         per_prompt = len(noise) // len(prompts)
     rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # prompt-major
+    adapters = _read_lora(cfg.lora, folder) if cfg.lora else None
     return Plan(
         folder=folder,
         sched=sched,
@@ -155,6 +236,8 @@ def plan(cfg) -> Plan:
         negative_prompts=[negatives[i % len(negatives)] for i in rows],
         latent_shape=latent_shape,
         noise=noise,
+        sampler_kwargs=sampler_kwargs,
+        lora=adapters,
     )
 
 
@@ -169,7 +252,8 @@ class Pipeline:
 
 
 def load(cfg, checked: Plan | None = None) -> Pipeline:
-    """``plan(cfg)``, then the tokenizer and the three networks' converted weights."""
+    """``plan(cfg)``, then the tokenizer and the three networks' converted weights, with the
+    plan's LoRA merged into the U-Net's (W + scale·ΔW, once: as diffusers' fuse_lora)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -193,6 +277,15 @@ def load(cfg, checked: Plan | None = None) -> Pipeline:
     graphdefs, params = {}, {}
     for name, model in models.items():
         graphdefs[name], params[name] = nnx.split(model)
+    if checked.lora is not None:
+        import jax
+
+        from diffusax import lora
+
+        unet = params["unet"]
+        merge = jax.jit(lora.merge)  # one program; the kernels it does not adapt pass through
+        fused = merge(nnx.to_pure_dict(unet), checked.lora.adapters, checked.lora.scale)
+        nnx.replace_by_pure_dict(unet, fused)
     return Pipeline(checked, tokenizer, graphdefs, params)
 
 
@@ -236,6 +329,7 @@ def make_generate(pipe: Pipeline, cfg, mesh):
             prediction=p.prediction,
             eta=s.eta,
             x_T=x_T,
+            **p.sampler_kwargs,  # lcm: sigma_data, timestep_scaling
         )  # (B, h, w, c)
         images = vae.decode(z / scale + shift)  # (B, H, W, 3)
         return jnp.clip(images, -1.0, 1.0)
@@ -256,6 +350,14 @@ def initial_noise(cfg, checked: Plan) -> np.ndarray:
     return np.asarray(draw(np.arange(len(checked.prompts))))
 
 
+def batch_key(cfg, i: int):
+    """The key ``generate`` gets for batch i: ``sampling.sample`` draws the noise of its step j
+    (euler_a, lcm) from fold_in(split(key)[1], j), for the whole (padded) batch."""
+    import jax
+
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 20_000_003), i)
+
+
 def draw(pipe: Pipeline, cfg, mesh, noise: np.ndarray) -> np.ndarray:
     """The images (N, H, W, 3) in [-1, 1] of every prompt row, in batches of
     ``sample.batch_size`` (padded to the mesh; the last batch repeats rows)."""
@@ -268,7 +370,6 @@ def draw(pipe: Pipeline, cfg, mesh, noise: np.ndarray) -> np.ndarray:
     n = len(p.prompts)
     batch = padded_batch_size(min(cfg.sample.batch_size, n), mesh.size)
     generate = make_generate(pipe, cfg, mesh)
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 20_000_003)
     prompt_ids = pipe.tokenizer.encode(p.prompts)  # (N, 77)
     negative_ids = pipe.tokenizer.encode(p.negative_prompts)
     sharding = parallel.batch_sharding(mesh)
@@ -276,7 +377,7 @@ def draw(pipe: Pipeline, cfg, mesh, noise: np.ndarray) -> np.ndarray:
     for i, start in enumerate(range(0, n, batch)):
         rows = np.arange(start, start + batch) % n  # the last batch wraps around
         args = [jax.device_put(a[rows], sharding) for a in (prompt_ids, negative_ids, noise)]
-        images = generate(pipe.params, *args, jax.random.fold_in(key, i))
+        images = generate(pipe.params, *args, batch_key(cfg, i))
         out.append(parallel.to_host(images)[: min(batch, n - start)])
     return np.concatenate(out)
 
@@ -333,7 +434,8 @@ class StableDiffusion(base.Method):
         return path
 
     def describe_run(self, cfg) -> str:
-        """`make info`: the folder's networks, schedule and the sampling plan; no weights read."""
+        """`make info`: the folder's networks, schedule, sampling plan and LoRA file (read and
+        checked); no network weights read."""
         import jax
         from flax import nnx
 
@@ -356,10 +458,16 @@ class StableDiffusion(base.Method):
             total += count
             lines.append(f"network {name}: {cls.__name__}, {count} parameters, frozen ({f.path})")
         lines.append(f"parameters: {total}")
+        if p.lora is not None:
+            lines.append(
+                f"lora: {p.lora.path}, {len(p.lora.adapters)} U-Net modules adapted (rank "
+                f"{'/'.join(map(str, p.lora.ranks))}), merged into the U-Net at load"
+            )
         h, w, c = p.latent_shape
+        default = "scaled_linear" if cfg.sample.sampler == "lcm" else "linear"  # LCMScheduler's
+        betas = f.scheduler.get("beta_schedule", default)
         lines += [
-            f"schedule: T={p.sched.num_timesteps}, {f.scheduler.get('beta_schedule', 'linear')} "
-            f"betas, prediction {p.prediction}",
+            f"schedule: T={p.sched.num_timesteps}, {betas} betas, prediction {p.prediction}",
             f"images: {h * f.vae_scale}x{w * f.vae_scale}, latents {h}x{w}x{c}, scaling factor "
             f"{f.scaling_factor}",
             f"sampler: {self.describe_sampler(cfg)}; timesteps "
@@ -374,7 +482,10 @@ class StableDiffusion(base.Method):
 
     def describe_sampler(self, cfg):
         s = cfg.sample
-        return f"{s.sampler}, {s.num_steps or 50} steps, guidance {s.guidance_scale}"
+        text = f"{s.sampler}, {s.num_steps or 50} steps, guidance {s.guidance_scale}"
+        if s.guidance_scale == 1.0:
+            text += " (none: the conditional U-Net alone)"
+        return text
 
 
 base.register(StableDiffusion())

@@ -158,10 +158,10 @@ def abstract_train_state(abstract_params, optimizers, emas) -> TrainState:
 
 __all__ = [
     "STATE_LAYOUT",
-    "flat_paths",
     "TrainState",
     "abstract_train_state",
     "create_train_state",
+    "flat_paths",
     "merge_trees",
     "model_builder",
     "model_graphdef",
