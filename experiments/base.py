@@ -122,6 +122,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # unclipped x̂_0 = (z - √(1-ᾱ) ε̂)/√ᾱ is noise amplified ~10⁴ times.
     c.lcm.clip_x0 = 1.0
     c.lcm.timestep_scaling = 10.0
+    # ε-prediction: the student reads its ε at ᾱ' = max(ᾱ_t, min_abar) (0 = off, the exact
+    # x̂_0): at the top of a cosine schedule 1/√ᾱ ~ 2·10⁴ would amplify the network's error.
+    c.lcm.min_abar = 0.0
     c.lcm.lecture_lambda = 1.0  # λ of the lecture's objective
     # ict: the doubling curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 and lognormal noise levels.
     c.lcm.ict_s0 = 10

@@ -111,7 +111,8 @@ def test_lecture_objective_terms_equal_a_direct_computation(teacher_dir):
             apply(state.params["student"], jnp.asarray(z, jnp.float32), tt, batch["label"]),
             np.float64,
         )
-        x0_hat = np.clip((z - np.sqrt(1 - a) * out) / np.sqrt(a), -1, 1)  # lcm.clip_x0 = 1
+        af = np.maximum(a, cfg.lcm.min_abar)  # the student reads its ε at ᾱ >= lcm.min_abar
+        x0_hat = np.clip((z - np.sqrt(1 - af) * out) / np.sqrt(af), -1, 1)  # lcm.clip_x0 = 1
         scaled = 10.0 * np.asarray(tt, np.float64)[:, None, None, None]
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / np.sqrt(scaled**2 + 0.25)
@@ -123,6 +124,32 @@ def test_lecture_objective_terms_equal_a_direct_computation(teacher_dir):
     np.testing.assert_allclose(float(metrics["rec"]), rec, rtol=2e-4)
     np.testing.assert_allclose(float(metrics["cons"]), cons, rtol=2e-4)
     np.testing.assert_allclose(float(value), rec + cfg.lcm.lecture_lambda * cons, rtol=2e-4)
+
+
+def test_one_step_sample_is_the_students_f_at_the_top_timestep(teacher_dir):
+    """The lcm sampler's 1-step image is clip(f(x_T, T-1, ω)) of the loss's f, with the student's
+    ε read at the floored ᾱ (ᾱ_49 of the tiny cosine schedule is below lcm.min_abar)."""
+    cfg = student_cfg(teacher_dir, sample__num_steps=1, sample__guidance_scale=1.5)
+    run = build(cfg)
+    sched = ddpm.make_schedule(cfg)
+    top = cfg.diffusion.num_timesteps - 1
+    assert float(sched.alphas_cumprod[top]) < cfg.lcm.min_abar < float(sched.alphas_cumprod[0])
+    state = run.init_state()
+    params = jax.tree.map(lambda a: a + 0.01, state.params["student"])  # guidance_proj not 0
+    generate = run.method.make_sampler(run, cfg.sample)
+    labels, key = jnp.arange(8) % 10, jax.random.key(2)
+    images = np.asarray(generate(params, labels, key))
+
+    from flax import nnx
+
+    x_T = jax.random.normal(jax.random.fold_in(key, 1), images.shape)
+    t = jnp.full((8,), top)
+    out = nnx.merge(run.ctx.graphdefs["student"], params)(x_T, t, labels, guidance=jnp.full(8, 0.5))
+    x0_hat = lcm.floored_x0(x_T, sched.alphas_cumprod[t], out, cfg.lcm.min_abar)
+    want = consistency.consistency_function(x_T, t, jnp.clip(x0_hat, -1, 1))
+    np.testing.assert_allclose(images, np.clip(np.asarray(want), -1, 1), atol=1e-5)
+    exact = diffusion.x0_eps_from_prediction(sched, "eps", x_T, t, out)[0]
+    assert np.abs(np.clip(np.asarray(exact), -1, 1) - images).max() > 0.1  # the floor acts
 
 
 def test_distillation_trains_evaluates_and_samples(teacher_dir, tmp_path):
@@ -181,7 +208,8 @@ def test_distillation_loss_uses_the_guided_teacher_step_and_the_target(teacher_d
 
     def f(z, tt):
         out = teacher(frozen["teacher"], z, tt, batch["label"])  # student = target = teacher
-        x0_hat, _ = diffusion.x0_eps_from_prediction(sched, "eps", z, tt, out)
+        af = jnp.maximum(sched.alphas_cumprod[tt], cfg.lcm.min_abar)[:, None, None, None]
+        x0_hat = (z - jnp.sqrt(1 - af) * out) / jnp.sqrt(af)  # ε read at ᾱ >= lcm.min_abar
         return consistency.consistency_function(z, tt, jnp.clip(x0_hat, -1, 1))
 
     want = jnp.mean((f(z_t, t) - f(z_s, s)) ** 2)
@@ -221,6 +249,7 @@ def test_ict_curriculum_and_levels():
         ({"lcm.num_ddim_timesteps": 7}, "lcm.num_ddim_timesteps"),
         ({"lcm.w_min": 2.0}, "lcm.w_min"),
         ({"lcm.loss": "l1"}, "lcm.loss"),
+        ({"lcm.min_abar": 1.0}, "lcm.min_abar"),
         ({"adapters.rank": 4}, "model.guidance_embed_dim"),
         ({"diffusion.var_type": "learned_range"}, "diffusion.var_type"),
     ],

@@ -115,6 +115,16 @@ def x0_at(prediction: str, z, abar, out):
     return a * z - s * out  # v = √ᾱ ε - √(1-ᾱ) x_0
 
 
+def floored_x0(z, abar, out, min_abar: float):
+    """The student's x̂_0 from its ε-output when that ε is read at ᾱ' = max(ᾱ, min_abar):
+    (z - √(1-ᾱ') F)/√ᾱ'. Below the floor (the top timesteps of a cosine schedule, ᾱ_999 =
+    2.4e-9) the exact (z - √(1-ᾱ) F)/√ᾱ multiplies F's error by 1/√ᾱ ~ 2·10⁴, beyond what a
+    network can learn, so a 1-step sample could not be sharp; with the floor, F learns
+    (z - √ᾱ' x_0)/√(1-ᾱ'), and above it nothing changes (the student still starts as the
+    teacher there). ``abar`` (B,) or scalar."""
+    return x0_at("eps", z, jnp.maximum(jnp.asarray(abar, jnp.float32), min_abar), out)
+
+
 def timestep_of_abar(abar, sched_abar):
     """The fractional timestep where the schedule's ᾱ (decreasing) equals ``abar``: linear in
     log SNR between the two neighbouring timesteps, clamped to [0, T-1]."""
@@ -163,7 +173,7 @@ class LCM(ddpm.DDPM):
             )
         base.check_fields(cfg, "lcm", positive=("huber_c", "sigma_data", "timestep_scaling"))
         base.check_fields(
-            cfg, "lcm", unit_interval=("ema_decay",), non_negative=("lecture_lambda",)
+            cfg, "lcm", unit_interval=("ema_decay", "min_abar"), non_negative=("lecture_lambda",)
         )
         if c.loss not in LOSSES:
             raise ConfigError(f"config field 'lcm.loss' must be one of {LOSSES}, got {c.loss!r}")
@@ -296,9 +306,14 @@ class LCM(ddpm.DDPM):
 
             return apply
 
+        floor = prediction == "eps" and c.min_abar > 0
+
         def f(out, z, t, abar=None):
             """f(z, t) from the network output at z; ``abar`` (B,) for a fractional t."""
-            if abar is None:
+            if floor:
+                a = sched.alphas_cumprod[t] if abar is None else abar
+                x0 = floored_x0(z, a, out, c.min_abar)
+            elif abar is None:
                 x0, _ = diffusion.x0_eps_from_prediction(sched, prediction, z, t, out)
             else:
                 x0 = x0_at(prediction, z, abar, out)
@@ -451,16 +466,25 @@ class LCM(ddpm.DDPM):
         net = self.sample_network(cfg)
         graphdef = run.ctx.graphdefs[net]
 
+        sched = ddpm.make_schedule(cfg)
+        floor = cfg.diffusion.prediction == "eps" and cfg.lcm.min_abar > 0
+
         def apply_fn(params, x, t, y=None, dropout_key=None):
             from flax import nnx
 
             guidance = jnp.full((x.shape[0],), w, jnp.float32) if embed else None
-            return nnx.merge(graphdef, params)(x, t, y, guidance=guidance, dropout_key=dropout_key)
+            out = nnx.merge(graphdef, params)(x, t, y, guidance=guidance, dropout_key=dropout_key)
+            if floor:  # the student's own x̂_0 (``floored_x0``), handed to the sampler as "x0"
+                return floored_x0(x, sched.alphas_cumprod[t], out, cfg.lcm.min_abar)
+            return out
 
+        if floor:
+            cfg = cfg.copy_and_resolve_references()
+            cfg.diffusion.prediction = "x0"
         return ddpm.make_generate(
             cfg,
             apply_fn,
-            ddpm.make_schedule(cfg),
+            sched,
             run.data.num_classes,
             self.model_shape(cfg, run.data),
             sample_cfg=s,
