@@ -28,7 +28,8 @@ def get_config(arg=None):
     c.lcm.loss = "huber"
     c.lcm.ema_decay = 0.95
     # The teacher's cosine schedule ends at ᾱ_999 = 2.4e-9: the student reads its ε at
-    # ᾱ >= 1e-3 (ᾱ_979 = 9.7e-4), so that its 1-step x̂_0 is not its error times 2·10⁴.
+    # ᾱ >= 1e-3 (which changes t = 979 and 999 of the grid: ᾱ_979 = 9.7e-4), so that its 1-step
+    # x̂_0 is not its error times 2·10⁴.
     c.lcm.min_abar = 1e-3
 
     c.optim.learning_rate = 2e-4

@@ -375,16 +375,82 @@ def test_export_peft_loads_in_diffusers_with_our_scale(tmp_path):
 # ---------------------------------------------------------------- errors
 
 
+DIT_PATTERNS = [r"attn\.(qkv|proj)$", r"mlp\.fc[12]$"]
+
+
+def tiny_dits():
+    """A 2-block DiT with scanned blocks and the same network unrolled: random weights (no
+    zero-initialised layer), the unrolled tree sliced from the scanned one."""
+    from diffusax.models.dit import DiT
+
+    kwargs = dict(depth=2, hidden=32, heads=2, patch=2, input_size=8, in_channels=4)
+    kwargs["num_classes"] = 10
+    g_scan, scanned = split_params(nnx.eval_shape(lambda: DiT(**kwargs, rngs=nnx.Rngs(0))))
+    g_unrolled, unrolled = split_params(
+        nnx.eval_shape(lambda: DiT(**kwargs, scan_blocks=False, rngs=nnx.Rngs(0)))
+    )
+    rng = np.random.default_rng(0)
+
+    def randomise(path, w):
+        noise = rng.standard_normal(w.shape, dtype=np.float32)
+        if len(w.shape) == 1:
+            return jnp.asarray(0.2 * noise)
+        return jnp.asarray(noise / np.sqrt(w.shape[-2]))
+
+    scanned = jax.tree_util.tree_map_with_path(randomise, scanned)
+
+    def slice_of(path, _):
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        if keys[0] == "blocks":  # ("blocks", i, ...) <- ("blocks", ...)[i]
+            leaf = functools.reduce(lambda t, k: t[k], [keys[0], *keys[2:]], scanned)
+            return leaf[keys[1]]
+        return functools.reduce(lambda t, k: t[k], keys, scanned)
+
+    unrolled = jax.tree_util.tree_map_with_path(slice_of, unrolled)
+    x = rng.standard_normal((2, 8, 8, 4), dtype=np.float32)
+    inputs = (x, np.array([5, 900]), np.array([1, 7]))
+    return (make_apply_fn(g_scan), scanned), (make_apply_fn(g_unrolled), unrolled), inputs
+
+
+def test_dit_adapters_on_scanned_blocks_equal_per_block_adapters():
+    """LoRA on a DiT: one (A, B) pair per block on the scanned (L, in, out) kernels is the same
+    network as the unrolled DiT with each block's pair; zero B changes nothing, bitwise."""
+    (scan_fn, scanned), (unrolled_fn, unrolled), (x, t, y) = tiny_dits()
+    reference = jax.jit(scan_fn)(scanned, x, t, y)
+    np.testing.assert_allclose(unrolled_fn(unrolled, x, t, y), reference, atol=1e-5)
+    tree = split_params(lora.adapters_for(scanned, DIT_PATTERNS, 3, jax.random.key(1)))[1]
+    assert sorted(tree) == ["blocks__attn__proj", "blocks__attn__qkv", "blocks__mlp__fc1",
+                            "blocks__mlp__fc2"]  # fmt: skip
+    assert tree["blocks__attn__qkv"]["A"].shape == (2, 32, 3)
+    assert tree["blocks__attn__qkv"]["B"].shape == (2, 3, 96)
+    assert same_bits(jax.jit(scan_fn)(lora.merge(scanned, tree, 2.0), x, t, y), reference)
+
+    tree = random_b(tree)
+    per_block = {
+        key.replace("blocks__", f"blocks__{i}__"): {"A": ab["A"][i], "B": ab["B"][i]}
+        for key, ab in tree.items()
+        for i in range(2)
+    }
+    ours = scan_fn(lora.merge(scanned, tree, 2.0), x, t, y)
+    want = unrolled_fn(lora.merge(unrolled, per_block, 2.0), x, t, y)
+    assert np.abs(np.asarray(ours) - np.asarray(reference)).max() > 1e-2  # the adapters act
+    np.testing.assert_allclose(ours, want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"scanned blocks.*model\.scan_blocks=False"):
+        lora.export_peft("/nonexistent.safetensors", tree, 1.0, str)
+
+
 def test_target_errors_name_the_patterns_and_the_path():
     params = {
-        "blocks": {"mlp": {"kernel": jnp.zeros((2, 3, 4))}},
+        "blocks": {"mlp": {"kernel": jnp.zeros((2, 3, 4))}},  # scanned blocks: allowed
+        "conv3d": {"kernel": jnp.zeros((2, 2, 2, 3, 4))},
         "head": {"kernel": jnp.zeros((3, 4))},
     }
     with pytest.raises(ValueError, match=r"\['nothing_here'\] match no"):
         lora.target_paths(params, ["nothing_here"])
-    with pytest.raises(ValueError, match=r"blocks\.mlp.*\(2, 3, 4\)"):
-        lora.target_paths(params, [r"mlp", r"head"])
+    with pytest.raises(ValueError, match=r"conv3d.*\(2, 2, 2, 3, 4\)"):
+        lora.target_paths(params, [r"conv3d", r"head"])
     assert lora.target_paths(params, "head") == [("head", "kernel")]
+    assert lora.target_paths(params, "mlp") == [("blocks", "mlp", "kernel")]
     with pytest.raises(ValueError, match=r"do not have.*tail"):
         lora.merge(params, {"tail": {"A": jnp.zeros((3, 1)), "B": jnp.zeros((1, 4))}}, 1.0)
 

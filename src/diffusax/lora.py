@@ -4,7 +4,9 @@ The maths. A LoRA adapter replaces a frozen kernel W by W + s·A·B with a rank-
 and a scale s = alpha / r. In our layouts:
 
 - dense kernel W (in, out):          A (in, r),          B (r, out),  ΔW = A @ B;
-- conv kernel W (kh, kw, in, out):   A (kh, kw, in, r),  B (r, out),  ΔW = einsum('hwir,ro->hwio').
+- conv kernel W (kh, kw, in, out):   A (kh, kw, in, r),  B (r, out),  ΔW = einsum('hwir,ro->hwio');
+- a scanned stack of L dense kernels W (L, in, out) (a DiT's blocks under ``model.scan_blocks``):
+  one pair per block, A (L, in, r), B (L, r, out), ΔW = einsum('lir,lro->lio').
 
 The conv factorisation is a conv to r channels (A, same window, stride and padding as W) followed
 by a 1x1 conv (B); the two compose into one conv with kernel ΔW, so merging is exact in real
@@ -79,20 +81,20 @@ def _dotted(path: tuple) -> str:
 def target_paths(params, patterns: str | Sequence[str]) -> list[tuple]:
     """The kernel paths whose module path ("."-joined) ``re.search``-matches any pattern.
 
-    Only dense (2-D) and conv (4-D) kernels can take an adapter; a pattern that reaches another
-    kernel (e.g. a scanned stack of blocks) is an error rather than a silent skip, so a typo in
-    the patterns never trains less than asked.
+    Only dense (2-D), stacked dense (3-D: scanned blocks) and conv (4-D) kernels can take an
+    adapter; a pattern that reaches another kernel is an error rather than a silent skip, so a
+    typo in the patterns never trains less than asked.
     """
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     compiled = [re.compile(p) for p in patterns]
     chosen, wrong = [], []
     for path, leaf in _kernels(params).items():
         if any(c.search(_dotted(path)) for c in compiled):
-            (chosen if len(leaf.shape) in (2, 4) else wrong).append(path)
+            (chosen if len(leaf.shape) in (2, 3, 4) else wrong).append(path)
     if wrong:
         shapes = {_dotted(p): tuple(_kernels(params)[p].shape) for p in wrong}
         raise ValueError(
-            f"LoRA patterns {patterns} match kernels that are not 2-D or 4-D: {shapes}"
+            f"LoRA patterns {patterns} match kernels that are not 2-D, 3-D or 4-D: {shapes}"
         )
     if not chosen:
         raise ValueError(f"LoRA patterns {patterns} match no dense or conv kernel")
@@ -125,11 +127,14 @@ class Adapters(nnx.Dict):
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         for key in sorted(shapes):  # sorted: the same keys give the same draws, in any order
             shape = tuple(shapes[key])
-            if len(shape) not in (2, 4):
+            if len(shape) not in (2, 3, 4):
                 raise ValueError(f"adapter {key!r}: kernel shape {shape} is neither dense nor conv")
-            bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # kaiming-uniform, a = sqrt(5)
+            stacked = len(shape) == 3  # (L, in, out): L blocks, each its own pair
+            fan_in = shape[1] if stacked else math.prod(shape[:-1])
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming-uniform, a = sqrt(5)
             a = jax.random.uniform(rngs.params(), (*shape[:-1], rank), jnp.float32, -bound, bound)
-            b = jnp.zeros((rank, shape[-1]), jnp.float32)
+            b_shape = (shape[0], rank, shape[-1]) if stacked else (rank, shape[-1])
+            b = jnp.zeros(b_shape, jnp.float32)
             self[key] = nnx.Dict(A=nnx.Param(a), B=nnx.Param(b))
 
 
@@ -146,7 +151,12 @@ def adapters_for(params, patterns, rank: int, key: jax.Array) -> Adapters:
 
 def delta(A, B, scale) -> jax.Array:
     """scale · A·B in our kernel layout (see the module docstring)."""
-    product = A @ B if A.ndim == 2 else jnp.einsum("hwir,ro->hwio", A, B)
+    if A.ndim == 2:
+        product = A @ B
+    elif A.ndim == 3:  # a scanned stack of dense kernels, one pair per block
+        product = jnp.einsum("lir,lro->lio", A, B)
+    else:
+        product = jnp.einsum("hwir,ro->hwio", A, B)
     return scale * product
 
 
@@ -271,6 +281,12 @@ def export_peft(
     (``unet.load_lora_adapter(file)`` without ``use_safetensors=True`` reads no header).
     """
     lead = f"{prefix}." if prefix else ""
+    stacked = sorted(k for k, ab in adapter_tree.items() if np.ndim(ab["A"]) == 3)
+    if stacked:
+        raise ValueError(
+            f"adapters on scanned blocks {stacked[:3]} have no per-module PEFT names: train with "
+            "model.scan_blocks=False to export them"
+        )
     arrays = {}
     for key, ab in adapter_tree.items():
         module = _module_name(name_of, _path_of(key))
