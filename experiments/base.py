@@ -132,6 +132,43 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lcm.ict_p_mean = -1.1
     c.lcm.ict_p_std = 2.0
 
+    # Method "add": adversarial diffusion distillation (Sauer et al. 2023) of a frozen teacher
+    # into a 1-to-4-step student (diffusax.methods.add). The discriminator's optimizer is the
+    # `disc_optim` section (ADD's reference: Adam with b1 = 0).
+    c.add = ml_collections.ConfigDict()
+    # The frozen teacher: "run:DIR" (a ddpm run of this project; its EMA) or "diffusers:DIR"
+    # (a local UNet2DModel folder, whose architecture `model` must match).
+    c.add.teacher = ""
+    # An experiment file that trains the teacher into the "run:DIR" above when that run has no
+    # checkpoint yet ("" = refuse, naming the command that would train it).
+    c.add.teacher_experiment = ""
+    # The student's timesteps: the N trailing ones round(T - i·T/N) - 1 ({999, 749, 499, 249}
+    # for T = 1000, N = 4); it samples with 1 to N of them.
+    c.add.student_timesteps = 4
+    c.add.teacher_guidance = 1.5  # the teacher's classifier-free guidance scale (1 = none)
+    c.add.distill_lambda = 2.5  # λ of L_S = L_adv + λ L_distill
+    # c(t) of L_distill = c(t)·mean((x̂_θ - x̂_teacher)²): exponential (= ᾱ_t) | sds | uniform.
+    c.add.distill_weight = "exponential"
+    # The R1 penalty γ/2·E‖∇_features D(x_real)‖², on the discriminator's input features.
+    c.add.r1_gamma = 1e-5
+    # The frozen feature network of the discriminator: "teacher" (the teacher U-Net's encoder)
+    # or "run:DIR" (the encoder of another ddpm run with the same `model`). Never the
+    # evaluation classifier, which would game the metric.
+    c.add.features = "teacher"
+    # The feature network sees the image noised at this (low-noise) timestep, with the null label.
+    c.add.feature_timestep = 10
+    c.add.head_width = 64  # hidden channels of each discriminator head
+    c.add.head_norm_groups = 8  # GroupNorm groups of the heads (divides head_width)
+    # Rescale the teacher's schedule to zero terminal SNR (Lin et al. 2024) for the re-noising
+    # and its x̂_0; an ε-teacher is then not asked at the last timestep (ᾱ = 0).
+    c.add.zero_terminal_snr = False
+    # ε-prediction: the student reads its ε at ᾱ >= min_abar (0 = off), as lcm.min_abar.
+    c.add.min_abar = 0.0
+    c.add.clip_x0 = 1.0  # clip the student's and the teacher's x̂_0 to [-c, c] (0 = off)
+    # An LCM run ("run:DIR") whose own `make eval` rows are shown beside ADD's, and compared
+    # at one step ("" = none).
+    c.add.compare_lcm = ""
+
     # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
     # teacher (LCM-LoRA: no w-embedding, no separate target).
     c.adapters = ml_collections.ConfigDict()
@@ -167,8 +204,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
     c.optim.ema_decay = 0.9999
 
-    # The discriminator's optimizer (method "autoencoder"): the same fields as `optim`,
-    # Adam(0.5, 0.9) as taming-transformers and LDM.
+    # The discriminator's optimizer (methods "autoencoder" and "add"): the same fields as
+    # `optim`, Adam(0.5, 0.9) as taming-transformers and LDM.
     c.disc_optim = c.optim.copy_and_resolve_references()
     c.disc_optim.b1 = 0.5
     c.disc_optim.b2 = 0.9
@@ -211,7 +248,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m | euler | euler_a | lcm
+    c.sample.sampler = "ddpm"  # ddpm | ddim | dpm++2m | euler | euler_a | lcm | add
     c.sample.num_steps = 0  # 0 = every timestep of the schedule
     # Which num_steps timesteps: trailing | uniform | leading (sampling.timestep_subset).
     # DiT's FID uses the 250-step DDPM with "uniform" (Improved DDPM's respacing).
@@ -267,8 +304,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000
     c.eval.bpd_examples = 256
     c.eval.classifier_steps = 1500
-    # Method "lcm": the step counts the student (and the teacher's DDIM) are scored at, and the
-    # teacher's reference step count.
+    # Methods "lcm" and "add": the step counts the student (and the teacher's DDIM) are scored
+    # at, and the teacher's reference step count.
     c.eval.few_steps = (1, 2, 4, 8)
     c.eval.teacher_steps = 100
     return c

@@ -414,6 +414,36 @@ def lcm_step(
     return jnp.where(i > 0, renoised, denoised), denoised
 
 
+def renoise_step(
+    sched: Schedule,
+    model_out,
+    x,
+    i,
+    noise,
+    *,
+    prediction: str = "eps",
+    var_type: str = "fixed_large",
+    clip_x0: float | None = None,
+):
+    """The multistep sampling of an adversarially distilled student (ADD, Sauer et al. 2023):
+    each step denoises to the network's x̂_0 and re-noises it with fresh noise to the next
+    visited timestep,
+
+        x̂_0    from the output (``predict_x0_eps``: any ``prediction``, optionally clipped),
+        x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev) z   (i > 0),   x_prev = x̂_0   (i = 0),
+
+    ᾱ_prev = alphas_cumprod_prev[i] (on a respaced schedule the ᾱ of the next visited
+    timestep). It is ``lcm_step`` with c_skip = 0, c_out = 1: the student's output is its
+    sample, not a boundary-conditioned consistency function. Returns (x_prev, x̂_0).
+    """
+    x0, _ = predict_x0_eps(
+        sched, model_out, x, i, prediction=prediction, var_type=var_type, clip_x0=clip_x0
+    )
+    abar_prev = sched.alphas_cumprod_prev[i]
+    renoised = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * noise
+    return jnp.where(i > 0, renoised, x0), x0
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
@@ -470,7 +500,14 @@ def _lcm_entry(sub, out, x, i, noise, x0_prev, eta, t=None, **kw):
 
 # Samplers whose step does not end with x̂_0 (the consistency function adds c_skip(t) x), kept
 # apart from SAMPLERS, whose tests assume it does; same signature. ``sample`` takes either.
-CONSISTENCY_SAMPLERS = {"lcm": _lcm_entry}
+# "add" (``renoise_step``, the few-step students' denoise-then-re-noise) is kept here beside
+# "lcm", its c_skip = 0 relative, and tested with method "add" (tests/test_add.py).
+CONSISTENCY_SAMPLERS = {
+    "lcm": _lcm_entry,
+    "add": lambda sub, out, x, i, noise, x0_prev, eta, t=None, **kw: renoise_step(
+        sub, out, x, i, noise(), **kw
+    ),
+}
 SAMPLER_NAMES = (*SAMPLERS, *CONSISTENCY_SAMPLERS)
 
 
@@ -517,8 +554,9 @@ def sample(
 
     sampler:   'ddpm' (ancestral, σ² by ``var_type``), 'ddim' (with ``eta``), 'dpm++2m',
                'euler' or 'euler_a' (``euler_step``, ``euler_ancestral_step``), 'lcm'
-               (``lcm_step``, a consistency model's multistep sampling). All but 'ddpm'
-               ignore a learned variance half.
+               (``lcm_step``, a consistency model's multistep sampling), 'add'
+               (``renoise_step``: denoise, re-noise). All but 'ddpm' ignore a learned
+               variance half.
     num_steps: visit this many timesteps chosen by ``spacing`` (``timestep_subset``); or give
                ``timesteps`` explicitly; neither: all T. For 'lcm', num_steps = K visits
                ``consistency.lcm_timesteps(T, K)`` (LCMScheduler's: K ≤ 50, 999, 759, 499, 259

@@ -1,4 +1,5 @@
-"""`make eval` of a few-step student (method "lcm"): quality and speed against its teacher.
+"""`make eval` of a few-step student (methods "lcm", "add"): quality and speed against its
+teacher.
 
 For each step count K of ``eval.few_steps`` the student is sampled with its sampler (the
 multistep consistency sampler) and the frozen teacher with DDIM at K steps; the teacher also at
@@ -7,7 +8,8 @@ features (``evaluate.run``'s metric, on as many samples as the held-out split ha
 the class agreement of the samples with the labels they were drawn for, and the wall time per
 image in steady state: the sampler is compiled and run once, then timed on a second run of the
 same batches (compilation apart). The targets of the few-step methods are checked and written
-beside the numbers (``targets``).
+beside the numbers (``targets``; a method passes its own as ``targets_fn``, and rows of
+other runs' evaluations to show beside, as ``extra_rows``).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def _timed_draw(generate, params, run, num, sample_cfg, key):
     return images, meta.get("labels"), seconds / num
 
 
-def evaluate(cfg, workdir: str) -> dict:
+def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
     """Score the student of ``workdir`` and its teacher; writes ``workdir/eval/metrics.json``
-    (atomically, once every number is computed)."""
+    (atomically, once every number is computed). ``targets_fn(rows, floor, teacher_steps)``
+    replaces ``targets``; ``extra_rows`` (already scored elsewhere) are listed after the
+    rows and passed to neither."""
     eval_run.check_eval_config(cfg)
     steps = tuple(int(k) for k in cfg.eval.few_steps)
     if not steps or min(steps) < 1 or cfg.eval.teacher_steps < 1:
@@ -90,6 +94,7 @@ def evaluate(cfg, workdir: str) -> dict:
     for k in (*steps, cfg.eval.teacher_steps):
         s = _sample_cfg(cfg, trained, "ddim", k)
         rows.append(score("teacher", run.method.teacher_sampler(run, s), teacher_params, s))
+    targets_fn = targets if targets_fn is None else targets_fn
     metrics = {
         "experiment": cfg.name,
         "dataset": cfg.data.name,
@@ -98,8 +103,8 @@ def evaluate(cfg, workdir: str) -> dict:
         "matched_size": matched,
         "guidance_scale": cfg.sample.guidance_scale,
         "fd_heldout_matched": floor,
-        "rows": rows,
-        "targets": targets(rows, floor, cfg.eval.teacher_steps),
+        "rows": rows + [dict(r) for r in extra_rows],
+        "targets": targets_fn(rows, floor, cfg.eval.teacher_steps),
         "seconds": round(time.time() - t0, 1),
     }
     if jax.process_index() == 0:
