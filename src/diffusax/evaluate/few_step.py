@@ -42,8 +42,8 @@ def _timed_draw(generate, params, run, num, sample_cfg, key):
 def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
     """Score the student of ``workdir`` and its teacher; writes ``workdir/eval/metrics.json``
     (atomically, once every number is computed). ``targets_fn(rows, floor, teacher_steps)``
-    replaces ``targets``; ``extra_rows`` (already scored elsewhere) are listed after the
-    rows and passed to neither."""
+    replaces ``targets``; ``extra_rows`` (scored by another run's evaluation) are listed after
+    this run's rows, and the targets see this run's rows only."""
     eval_run.check_eval_config(cfg)
     steps = tuple(int(k) for k in cfg.eval.few_steps)
     if not steps or min(steps) < 1 or cfg.eval.teacher_steps < 1:

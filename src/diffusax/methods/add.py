@@ -534,7 +534,9 @@ def add_targets(rows, floor: float, teacher_steps: int, lcm_rows=()) -> dict:
     within 25% of the teacher at ``teacher_steps``, or no further above it than held-out real
     digits are above the training digits (``floor``), whichever allows more; and the 1-step
     student better than the 1-step LCM student (its own `make eval`, when given)."""
-    from diffusax.evaluate.few_step import _row
+
+    def _row(rows, model, steps):
+        return next((r for r in rows if r["model"] == model and r["steps"] == steps), None)
 
     out = {}
     ref = _row(rows, "teacher", teacher_steps)

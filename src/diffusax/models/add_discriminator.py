@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusax.models.layers import embed_labels, group_norm, res_block_caller, timestep_embedding
+from diffusax.models.layers import (
+    batch_timesteps,
+    check_nhwc,
+    embed_labels,
+    group_norm,
+    res_block_caller,
+    timestep_embedding,
+)
 
 __all__ = ["FeatureHeads", "ProjectionHead", "unet_encoder_features", "unet_feature_channels"]
 
@@ -32,7 +39,12 @@ def unet_encoder_features(unet, x, t, y=None) -> list[jax.Array]:
     at ``x`` (B, H, W, C), timestep ``t`` and label ``y`` (None: the null label), computed with
     its own blocks exactly as its ``__call__`` does (no dropout): level l has shape
     (B, H/2^l, W/2^l, ch·ch_mult[l]), the middle that of the last level."""
-    t, y = unet._check_inputs(x, t, y)
+    b = check_nhwc(x, unet.in_channels, "U-Net features")[0]
+    t = batch_timesteps(t, b)
+    if unet.num_classes is None:
+        y = None
+    elif y is None:
+        y = jnp.full((b,), unet.num_classes, jnp.int32)  # the null label
     temb = timestep_embedding(
         t, unet.ch, flip_sin_to_cos=unet.flip_sin_to_cos, freq_shift=unet.freq_shift
     )  # (B, ch)
