@@ -65,7 +65,7 @@ def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
     num = cfg.eval.num_samples
     matched = min(num, len(test_features))
     floor = features_frechet_distance(
-        test_features[eval_run._subset(len(test_features), matched, cfg.seed)], train_features
+        test_features[eval_run.subset(len(test_features), matched, cfg.seed)], train_features
     )
     key = jax.random.fold_in(jax.random.key(cfg.seed), eval_run.SAMPLE_KEY)
     teacher_params = run.frozen()["teacher"]

@@ -117,7 +117,7 @@ def _sampler_settings(cfg) -> dict:
     }
 
 
-def _subset(n: int, size: int, seed: int) -> np.ndarray:
+def subset(n: int, size: int, seed: int) -> np.ndarray:
     """``size`` of ``range(n)`` in increasing order, chosen by ``seed`` (the same every run)."""
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
 
@@ -190,8 +190,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     sample_features = clf.features(samples)  # (N, D)
     matched = min(len(samples), len(test_features))
     # Conditional samples cycle through the classes, so their first `matched` are balanced.
-    test_subset = _subset(len(test_features), matched, cfg.seed)
-    train_subset = _subset(len(train_features), matched, cfg.seed)
+    test_subset = subset(len(test_features), matched, cfg.seed)
+    train_subset = subset(len(train_features), matched, cfg.seed)
     metrics = {
         "experiment": cfg.name,
         "dataset": cfg.data.name,
@@ -231,7 +231,7 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     if trained.run is not None and not trained.run.method.pixel_bound:
         num_bpd = 0  # the model's bound is not one on the data (a latent model's)
     if num_bpd:
-        rows = _subset(len(test_source), num_bpd, cfg.seed + 1)
+        rows = subset(len(test_source), num_bpd, cfg.seed + 1)
         bpd = bits_per_dim(
             trained, test["image"][rows], test["label"][rows], jax.random.fold_in(key, BOUND_KEY)
         )
