@@ -24,6 +24,7 @@ ADD_EXP = dh.REPO / "experiments" / "add_digits.py"
 TINY = {k: v for k, v in dh.TINY.items() if not k.startswith("train.progress")}
 STUDENT = dict(
     TINY,
+    **dh.FEW_STEP_EVAL,
     **{
         "train.num_steps": 4,
         "train.checkpoint_every": 4,
@@ -33,13 +34,6 @@ STUDENT = dict(
         "add.compare_lcm": "",
         "disc_optim.warmup_steps": 4,
         "disc_optim.schedule": "constant",
-        "eval.num_samples": 32,
-        "eval.classifier_steps": 50,
-        "eval.few_steps": (1, 2),
-        "eval.teacher_steps": 5,
-        "sample.num_samples": 8,
-        "sample.batch_size": 8,
-        "sample.num_steps": 2,
     },
 )
 
@@ -60,10 +54,7 @@ def student_cfg(teacher_dir, **changes):
     return load_experiment(str(ADD_EXP), overrides=over)
 
 
-def batch_of(run, rows=16):
-    images = np.asarray(run.source.read(np.arange(rows))["image"], np.float32)
-    labels = np.arange(rows, dtype=np.int32) % 10
-    return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+batch_of = dh.labelled_batch
 
 
 # --- the maths --------------------------------------------------------------------------------

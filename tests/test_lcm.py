@@ -22,18 +22,12 @@ LORA_EXP = REPO / "experiments" / "lcm_lora_digits.py"
 TINY = {k: v for k, v in dh.TINY.items() if not k.startswith("train.progress")}
 STUDENT = dict(
     TINY,
+    **dh.FEW_STEP_EVAL,
     **{
         "train.num_steps": 6,
         "train.checkpoint_every": 3,
         "lcm.num_ddim_timesteps": 10,
         "model.guidance_embed_dim": 16,
-        "eval.num_samples": 32,
-        "eval.classifier_steps": 50,
-        "eval.few_steps": (1, 2),
-        "eval.teacher_steps": 5,
-        "sample.num_samples": 8,
-        "sample.batch_size": 8,
-        "sample.num_steps": 2,
     },
 )
 
@@ -55,10 +49,7 @@ def student_cfg(teacher_dir, experiment=LCM_EXP, **changes):
     return load_experiment(str(experiment), overrides=over)
 
 
-def batch_of(run, rows=16):
-    images = np.asarray(run.source.read(np.arange(rows))["image"], np.float32)
-    labels = np.arange(rows, dtype=np.int32) % 10
-    return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+batch_of = dh.labelled_batch
 
 
 def test_student_starts_as_its_teacher_bitwise(teacher_dir):

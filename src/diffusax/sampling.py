@@ -409,6 +409,12 @@ def lcm_step(
     denoised = consistency.consistency_function(
         x, t, x0, sigma_data=sigma_data, timestep_scaling=timestep_scaling
     )
+    return _renoise(sched, denoised, i, noise)
+
+
+def _renoise(sched: Schedule, denoised, i, noise):
+    """(√ᾱ_prev denoised + √(1 - ᾱ_prev) z if i > 0 else denoised, denoised): the jump of the
+    multistep consistency and ADD samplers to the next visited noise level."""
     abar_prev = sched.alphas_cumprod_prev[i]
     renoised = jnp.sqrt(abar_prev) * denoised + jnp.sqrt(1.0 - abar_prev) * noise
     return jnp.where(i > 0, renoised, denoised), denoised
@@ -439,9 +445,7 @@ def renoise_step(
     x0, _ = predict_x0_eps(
         sched, model_out, x, i, prediction=prediction, var_type=var_type, clip_x0=clip_x0
     )
-    abar_prev = sched.alphas_cumprod_prev[i]
-    renoised = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * noise
-    return jnp.where(i > 0, renoised, x0), x0
+    return _renoise(sched, x0, i, noise)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusax import checkpoint, parallel
@@ -53,6 +54,26 @@ TINY = {
     "sample.num_samples": 8,
     "sample.batch_size": 8,
 }
+
+# The eval and sampling sizes of the few-step distillation tests (lcm, add): 32 samples, the
+# student at 1 and 2 steps against the teacher at 5.
+FEW_STEP_EVAL = {
+    "eval.num_samples": 32,
+    "eval.classifier_steps": 50,
+    "eval.few_steps": (1, 2),
+    "eval.teacher_steps": 5,
+    "sample.num_samples": 8,
+    "sample.batch_size": 8,
+    "sample.num_steps": 2,
+}
+
+
+def labelled_batch(run, rows=16):
+    """The first ``rows`` images of a run's source, labelled 0, 1, ..., 9, 0, ... (a batch of
+    a method's loss)."""
+    images = np.asarray(run.source.read(np.arange(rows))["image"], np.float32)
+    labels = np.arange(rows, dtype=np.int32) % 10
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
 
 
 # The autoencoder method at its smallest: two 8-channel levels at the digits' 8x8, a one-layer

@@ -223,23 +223,7 @@ class ADD(ddpm.DDPM):
             )
 
     def prepare(self, cfg):
-        """Before training: train the teacher first when its run has no checkpoint and
-        ``add.teacher_experiment`` names the experiment that makes it."""
-        a = cfg.add
-        if not a.teacher.startswith("run:") or not a.teacher_experiment:
-            return
-        run_dir = a.teacher[len("run:") :]
-        ckpts = os.path.join(run_dir, "checkpoints")
-        if os.path.isdir(ckpts) and os.listdir(ckpts):
-            return
-        from diffusax import config as config_lib
-        from diffusax.train import loop
-
-        teacher_cfg = config_lib.load_experiment(a.teacher_experiment)
-        print(f"add: the teacher {run_dir} has no checkpoint: training it first")
-        result = loop.train(teacher_cfg, run_dir)
-        if result.stopped_by is not None:
-            raise ConfigError(f"the teacher's training ({a.teacher_experiment}) was stopped")
+        lcm.train_teacher_if_missing(self.name, cfg.add.teacher, cfg.add.teacher_experiment)
 
     # -- networks -------------------------------------------------------------------------
 
@@ -424,56 +408,24 @@ class ADD(ddpm.DDPM):
 
     def make_sampler(self, run, sample_cfg, *, clip: bool = True):
         cfg = run.cfg
-        a = cfg.add
         s = sample_cfg.copy_and_resolve_references()
         kwargs = {}
         if s.sampler == "add":
-            k = int(s.num_steps) or a.student_timesteps
+            k = int(s.num_steps) or cfg.add.student_timesteps
             T = cfg.diffusion.num_timesteps
-            kwargs["timesteps"] = sample_timesteps(T, a.student_timesteps, k)
+            kwargs["timesteps"] = sample_timesteps(T, cfg.add.student_timesteps, k)
             s.num_steps = 0  # the timesteps above instead
-        sched = ddpm.make_schedule(cfg)
         graphdef = run.ctx.graphdefs["student"]
-        floor = cfg.diffusion.prediction == "eps" and a.min_abar > 0
 
-        def apply_fn(params, x, t, y=None, dropout_key=None):
+        def network(params, x, t, y, dropout_key):
             from flax import nnx
 
-            out = nnx.merge(graphdef, params)(x, t, y, dropout_key=dropout_key)
-            if floor:  # the student's own x̂_0 (as in training), handed on as an "x0" output
-                return lcm.floored_x0(x, sched.alphas_cumprod[t], out, a.min_abar)
-            return out
+            return nnx.merge(graphdef, params)(x, t, y, dropout_key=dropout_key)
 
-        if floor:
-            cfg = cfg.copy_and_resolve_references()
-            cfg.diffusion.prediction = "x0"
-        return ddpm.make_generate(
-            cfg,
-            apply_fn,
-            sched,
-            run.data.num_classes,
-            self.model_shape(cfg, run.data),
-            sample_cfg=s,
-            mesh=run.mesh,
-            condition=ddpm.condition_of(cfg, run.data),
-            clip=clip,
-            sampler_kwargs=kwargs,
-        )
+        return lcm.student_generate(self, run, s, network, cfg.add.min_abar, kwargs, clip=clip)
 
     def teacher_sampler(self, run, sample_cfg):
-        """The frozen teacher's own generate (DDIM or another sampler of ``sample_cfg``), on
-        the run's schedule (the one it was trained on)."""
-        cfg = run.cfg
-        return ddpm.make_generate(
-            cfg,
-            run.ctx.apply_fn("teacher"),
-            ddpm.make_schedule(cfg),
-            run.data.num_classes,
-            self.model_shape(cfg, run.data),
-            sample_cfg=sample_cfg,
-            mesh=run.mesh,
-            condition=ddpm.condition_of(cfg, run.data),
-        )
+        return lcm.teacher_generate(self, run, sample_cfg)
 
     def describe(self, cfg):
         a = cfg.add
@@ -507,6 +459,7 @@ class ADD(ddpm.DDPM):
                 rows, floor, teacher_steps, lcm_rows
             ),
             extra_rows=lcm_rows,
+            teacher_guidance=cfg.add.teacher_guidance,  # the teacher at its own guidance
         )
 
     def format_report(self, report):

@@ -201,25 +201,7 @@ class LCM(ddpm.DDPM):
             )
 
     def prepare(self, cfg):
-        """Before training: train the teacher run first when it has no checkpoint and
-        ``lcm.teacher_experiment`` names the experiment that makes it."""
-        c = cfg.lcm
-        if not c.teacher.startswith("run:") or not c.teacher_experiment:
-            return
-        run_dir = c.teacher[len("run:") :]
-        if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
-            os.path.join(run_dir, "checkpoints")
-        ):
-            return
-        from diffusax import config as config_lib
-        from diffusax.train import loop
-
-        path = c.teacher_experiment
-        teacher_cfg = config_lib.load_experiment(path)
-        print(f"lcm: the teacher {run_dir} has no checkpoint: training it first ({path})")
-        result = loop.train(teacher_cfg, run_dir)
-        if result.stopped_by is not None:
-            raise ConfigError(f"the teacher's training ({path}) was stopped; run it again")
+        train_teacher_if_missing(self.name, cfg.lcm.teacher, cfg.lcm.teacher_experiment)
 
     # -- networks -------------------------------------------------------------------------
 
@@ -463,50 +445,20 @@ class LCM(ddpm.DDPM):
         w = s.guidance_scale - 1.0
         if embed:  # ω goes into the network, not through a second, unconditional call
             s.guidance_scale = 1.0
-        net = self.sample_network(cfg)
-        graphdef = run.ctx.graphdefs[net]
+        graphdef = run.ctx.graphdefs[self.sample_network(cfg)]
 
-        sched = ddpm.make_schedule(cfg)
-        floor = cfg.diffusion.prediction == "eps" and cfg.lcm.min_abar > 0
-
-        def apply_fn(params, x, t, y=None, dropout_key=None):
+        def network(params, x, t, y, dropout_key):
             from flax import nnx
 
             guidance = jnp.full((x.shape[0],), w, jnp.float32) if embed else None
-            out = nnx.merge(graphdef, params)(x, t, y, guidance=guidance, dropout_key=dropout_key)
-            if floor:  # the student's own x̂_0 (``floored_x0``), handed to the sampler as "x0"
-                return floored_x0(x, sched.alphas_cumprod[t], out, cfg.lcm.min_abar)
-            return out
+            return nnx.merge(graphdef, params)(x, t, y, guidance=guidance, dropout_key=dropout_key)
 
-        if floor:
-            cfg = cfg.copy_and_resolve_references()
-            cfg.diffusion.prediction = "x0"
-        return ddpm.make_generate(
-            cfg,
-            apply_fn,
-            sched,
-            run.data.num_classes,
-            self.model_shape(cfg, run.data),
-            sample_cfg=s,
-            mesh=run.mesh,
-            condition=ddpm.condition_of(cfg, run.data),
-            clip=clip,
-            sampler_kwargs=lcm_sampler_kwargs(cfg, s),
+        return student_generate(
+            self, run, s, network, cfg.lcm.min_abar, lcm_sampler_kwargs(cfg, s), clip=clip
         )
 
     def teacher_sampler(self, run, sample_cfg):
-        """The frozen teacher's own generate (DDIM or another sampler of ``sample_cfg``)."""
-        cfg = run.cfg
-        return ddpm.make_generate(
-            cfg,
-            run.ctx.apply_fn("teacher"),
-            ddpm.make_schedule(cfg),
-            run.data.num_classes,
-            self.model_shape(cfg, run.data),
-            sample_cfg=sample_cfg,
-            mesh=run.mesh,
-            condition=ddpm.condition_of(cfg, run.data),
-        )
+        return teacher_generate(self, run, sample_cfg)
 
     def describe(self, cfg):
         c, a = cfg.lcm, cfg.adapters
@@ -525,6 +477,71 @@ class LCM(ddpm.DDPM):
         from diffusax.evaluate import few_step
 
         return few_step.format_report(report)
+
+
+def train_teacher_if_missing(method: str, teacher: str, experiment: str):
+    """Before a distillation trains: train the teacher "run:DIR" first when it has no
+    checkpoint and ``experiment`` names the experiment that makes it."""
+    if not teacher.startswith("run:") or not experiment:
+        return
+    run_dir = teacher[len("run:") :]
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and os.listdir(ckpts):
+        return
+    from diffusax import config as config_lib
+    from diffusax.train import loop
+
+    teacher_cfg = config_lib.load_experiment(experiment)
+    print(f"{method}: the teacher {run_dir} has no checkpoint: training it first ({experiment})")
+    result = loop.train(teacher_cfg, run_dir)
+    if result.stopped_by is not None:
+        raise ConfigError(f"the teacher's training ({experiment}) was stopped; run it again")
+
+
+def student_generate(method, run, sample_cfg, network, min_abar, sampler_kwargs, *, clip=True):
+    """``ddpm.make_generate`` of a few-step student (LCM, ADD): ``network(params, x, t, y,
+    dropout_key)`` gives its raw output. With an ε student and ``min_abar`` > 0 that output is
+    turned into the student's own x̂_0 as in training (``floored_x0``) and handed to the sampler
+    as an "x0" prediction."""
+    cfg = run.cfg
+    sched = ddpm.make_schedule(cfg)
+    floor = cfg.diffusion.prediction == "eps" and min_abar > 0
+
+    def apply_fn(params, x, t, y=None, dropout_key=None):
+        out = network(params, x, t, y, dropout_key)
+        return floored_x0(x, sched.alphas_cumprod[t], out, min_abar) if floor else out
+
+    if floor:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.diffusion.prediction = "x0"
+    return ddpm.make_generate(
+        cfg,
+        apply_fn,
+        sched,
+        run.data.num_classes,
+        method.model_shape(cfg, run.data),
+        sample_cfg=sample_cfg,
+        mesh=run.mesh,
+        condition=ddpm.condition_of(cfg, run.data),
+        clip=clip,
+        sampler_kwargs=sampler_kwargs,
+    )
+
+
+def teacher_generate(method, run, sample_cfg):
+    """The frozen teacher's own generate (DDIM or another sampler of ``sample_cfg``), on the
+    run's schedule (the one it was trained on)."""
+    cfg = run.cfg
+    return ddpm.make_generate(
+        cfg,
+        run.ctx.apply_fn("teacher"),
+        ddpm.make_schedule(cfg),
+        run.data.num_classes,
+        method.model_shape(cfg, run.data),
+        sample_cfg=sample_cfg,
+        mesh=run.mesh,
+        condition=ddpm.condition_of(cfg, run.data),
+    )
 
 
 def lcm_sampler_kwargs(cfg, sample_cfg) -> dict:

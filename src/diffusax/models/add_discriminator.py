@@ -20,14 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusax.models.layers import (
-    batch_timesteps,
-    check_nhwc,
-    embed_labels,
-    group_norm,
-    res_block_caller,
-    timestep_embedding,
-)
+from diffusax.models.layers import group_norm
 
 __all__ = ["FeatureHeads", "ProjectionHead", "unet_encoder_features", "unet_feature_channels"]
 
@@ -36,37 +29,9 @@ LEAKY_SLOPE = 0.2
 
 def unet_encoder_features(unet, x, t, y=None) -> list[jax.Array]:
     """[level 0, ..., level L-1, middle] activations of ``diffusax.models.unet.UNet``'s encoder
-    at ``x`` (B, H, W, C), timestep ``t`` and label ``y`` (None: the null label), computed with
-    its own blocks exactly as its ``__call__`` does (no dropout): level l has shape
-    (B, H/2^l, W/2^l, ch·ch_mult[l]), the middle that of the last level."""
-    b = check_nhwc(x, unet.in_channels, "U-Net features")[0]
-    t = batch_timesteps(t, b)
-    if unet.num_classes is None:
-        y = None
-    elif y is None:
-        y = jnp.full((b,), unet.num_classes, jnp.int32)  # the null label
-    temb = timestep_embedding(
-        t, unet.ch, flip_sin_to_cos=unet.flip_sin_to_cos, freq_shift=unet.freq_shift
-    )  # (B, ch)
-    temb = unet.time_embed_2(nnx.silu(unet.time_embed_1(temb)))  # (B, 4ch)
-    if unet.class_embed is not None:
-        temb = temb + embed_labels(unet.class_embed, y)
-    res = res_block_caller(temb, None, remat=unet.remat)
-    h = unet.conv_in(x)  # (B, H, W, ch)
-    features = []
-    for level in unet.down_levels:
-        for i, block in enumerate(level.res_blocks):
-            h = res(block, h)  # (B, H/2^l, W/2^l, ch·mult)
-            if len(level.attn_blocks):
-                h = level.attn_blocks[i](h)
-        features.append(h.astype(jnp.float32))
-        if level.resample is not None:
-            h = level.resample(h)  # (B, H/2^(l+1), W/2^(l+1), ch·mult)
-    h = res(unet.mid_res_1, h)
-    h = unet.mid_attn(h)
-    h = res(unet.mid_res_2, h)
-    features.append(h.astype(jnp.float32))
-    return features
+    at ``x`` (B, H, W, C), timestep ``t`` and label ``y`` (None: the null label): its
+    ``encoder_features``, the very activations its ``__call__`` computes."""
+    return unet.encoder_features(x, t, y)
 
 
 def unet_feature_channels(ch: int, ch_mult) -> tuple[int, ...]:

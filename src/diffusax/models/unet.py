@@ -235,6 +235,22 @@ class UNet(nnx.Module):
         Returns (B, H, W, out_channels) float32. Dropout is applied only when `dropout_key` is
         given. With `num_classes` set, y=None means the null label for every example.
         """
+        h, skips, res, _ = self._encode(x, t, y, guidance, dropout_key)
+        for level in self.up_levels:
+            for i, block in enumerate(level.res_blocks):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)  # (B, h, w, c + c_skip)
+                h = res(block, h)
+                if len(level.attn_blocks):
+                    h = level.attn_blocks[i](h)
+            if level.resample is not None:
+                h = level.resample(h)  # (B, 2h, 2w, c)
+
+        h = self.conv_out(nnx.silu(self.norm_out(h)))  # (B, H, W, out_channels)
+        return h.astype(jnp.float32)
+
+    def _encode(self, x, t, y, guidance, dropout_key):
+        """The down path and the middle: (h after the middle, the skips, the residual-block
+        caller with the time embedding, each level's output before its downsample)."""
         t, y = self._check_inputs(x, t, y)
         temb = timestep_embedding(
             t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
@@ -247,13 +263,14 @@ class UNet(nnx.Module):
 
         res = res_block_caller(temb, dropout_key, remat=self.remat)
         h = self.conv_in(x)  # (B, H, W, ch)
-        skips = [h]
+        skips, level_outputs = [h], []
         for level in self.down_levels:
             for i, block in enumerate(level.res_blocks):
                 h = res(block, h)  # (B, H / 2^level, W / 2^level, ch * mult)
                 if len(level.attn_blocks):
                     h = level.attn_blocks[i](h)
                 skips.append(h)
+            level_outputs.append(h)
             if level.resample is not None:
                 h = level.resample(h)  # (B, H / 2^(level+1), W / 2^(level+1), ch * mult)
                 skips.append(h)
@@ -261,18 +278,15 @@ class UNet(nnx.Module):
         h = res(self.mid_res_1, h)
         h = self.mid_attn(h)
         h = res(self.mid_res_2, h)
+        return h, skips, res, level_outputs
 
-        for level in self.up_levels:
-            for i, block in enumerate(level.res_blocks):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)  # (B, h, w, c + c_skip)
-                h = res(block, h)
-                if len(level.attn_blocks):
-                    h = level.attn_blocks[i](h)
-            if level.resample is not None:
-                h = level.resample(h)  # (B, 2h, 2w, c)
-
-        h = self.conv_out(nnx.silu(self.norm_out(h)))  # (B, H, W, out_channels)
-        return h.astype(jnp.float32)
+    def encoder_features(self, x, t, y=None) -> list[jax.Array]:
+        """[level 0, ..., level L-1, middle] float32 activations of the down path (each level's
+        last block, before its downsample) and of the middle, as ``__call__`` computes them
+        (no dropout): level l is (B, H/2^l, W/2^l, ch·ch_mult[l]), the middle as the last level.
+        y=None is the null label. ADD's discriminator reads these (``models.add_discriminator``)."""
+        h, _, _, level_outputs = self._encode(x, t, y, None, None)
+        return [f.astype(jnp.float32) for f in (*level_outputs, h)]
 
     def _guidance_features(self, w, batch: int) -> jax.Array:
         if self.guidance_proj is None:
