@@ -4,6 +4,8 @@ An experiment file defines `get_config(arg=None)` that starts from `get_base_con
 overrides values. Every key a config may hold is declared here, so a misspelled key is an error.
 """
 
+import math
+
 import ml_collections
 
 
@@ -168,6 +170,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     # An LCM run ("run:DIR") whose own `make eval` rows are shown beside ADD's, and compared
     # at one step ("" = none).
     c.add.compare_lcm = ""
+
+    # Method "clip": contrastive language-image pre-training on the captioned digits (Radford et
+    # al. 2021; diffusax.methods.clip). Its text tower is the `text` section's encoder, read
+    # through its pooled (end-of-text) state and a linear projection.
+    c.clip = ml_collections.ConfigDict()
+    c.clip.embed_dim = 64  # width of the joint image-text space
+    c.clip.image_widths = (32, 64, 128)  # the image convnet: a 3x3 conv per width, later ones /2
+    c.clip.init_logit_scale = math.log(1.0 / 0.07)  # t; the logits are scaled by exp(t)
+    c.clip.max_logit_scale = math.log(100.0)  # exp(t) is clipped at 100
+    # Random crops, CLIP's one augmentation: each image shifted by up to this many pixels.
+    c.clip.max_shift = 0
+    # `make eval`: the zero-shot prompt of each class ({n}: its numeral, {word}: its name).
+    c.clip.zero_shot_prompt = "a photo of the digit {n}"
 
     # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
     # teacher (LCM-LoRA: no w-embedding, no separate target).
