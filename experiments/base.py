@@ -181,8 +181,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.clip.max_logit_scale = math.log(100.0)  # exp(t) is clipped at 100
     # Random crops, CLIP's one augmentation: each image shifted by up to this many pixels.
     c.clip.max_shift = 0
-    # `make eval`: the zero-shot prompt of each class ({n}: its numeral, {word}: its name).
-    c.clip.zero_shot_prompt = "a photo of the digit {n}"
 
     # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
     # teacher (LCM-LoRA: no w-embedding, no separate target).
@@ -323,6 +321,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # at, and the teacher's reference step count.
     c.eval.few_steps = (1, 2, 4, 8)
     c.eval.teacher_steps = 100
+    # Method "clip": the zero-shot prompt of each class ({n}: its numeral, {word}: its name).
+    c.eval.zero_shot_prompt = "a photo of the digit {n}"
     return c
 
 

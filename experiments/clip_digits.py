@@ -9,6 +9,15 @@ seven leaning right", "the digit 7, thin", "7"); a word-level tokenizer over the
     make train EXP=clip_digits
     make eval EXP=clip_digits      # zero-shot accuracy and caption -> image recall@1 on the
                                    # 300 held-out digits (runs/clip_digits/eval/metrics.json)
+
+Measured (2-core CPU, another job on it part of the time; training is deterministic, a rerun
+gave the same numbers): `make train` 2 min 22 s (1500 steps of 256 pairs). Held-out zero-shot
+accuracy 94.3% with "a photo of the digit {n}" (94.0% with 7 prompts per class; chance 10%).
+Caption -> image retrieval among the 300 held-out digits: recall@1 14.0% (chance 0.33%), @5
+47.7%, @10 67.0%, median rank 6; the best image has the caption's class for 100% of the
+captions. A caption names its digit's class and at best the tercile of its thickness and slant,
+so about 3 to 30 of the held-out images fit it equally. (64, 128, 256) image widths: 95.3% and
+recall@1 14.0% in 5 min 1 s.
 """
 
 from experiments.base import get_base_config, shrink_for_runlocal

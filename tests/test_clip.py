@@ -112,8 +112,8 @@ def test_temperature_is_learnable_below_its_clamp_and_clamped_above():
         ("clip.image_widths", ()),
         ("clip.init_logit_scale", 5.0),  # above clip.max_logit_scale = log 100
         ("clip.max_logit_scale", -1.0),
-        ("clip.zero_shot_prompt", "a photo"),  # names no class
-        ("clip.zero_shot_prompt", "a zebra {n}"),  # a word outside the captions' vocabulary
+        ("eval.zero_shot_prompt", "a photo"),  # names no class
+        ("eval.zero_shot_prompt", "a zebra {n}"),  # a word outside the captions' vocabulary
         ("condition.kind", "label"),
         ("text.heads", 3),  # does not divide text.width
     ],

@@ -2,7 +2,7 @@
 held-out digits, written to eval/metrics.json (atomically, once every number is computed).
 
 Zero-shot classification (CLIP's protocol): each class c gets the prompt
-``clip.zero_shot_prompt`` ("a photo of the digit {n}"); an image is given the class whose
+``eval.zero_shot_prompt`` ("a photo of the digit {n}"); an image is given the class whose
 prompt embedding has the largest cosine similarity with its own. The ensemble variant averages
 the unit embeddings of several prompts per class (that one and ``captions.class_prompts``:
 "7", "seven", "a seven", "the digit seven", ...) and renormalises, as the paper's prompt
@@ -127,7 +127,7 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
         "checkpoint_step": int(trained.step),
         "num_heldout": len(images),
         "logit_scale": float(np.exp(min(t, cfg.clip.max_logit_scale))),
-        "zero_shot_prompt": cfg.clip.zero_shot_prompt,
+        "zero_shot_prompt": cfg.eval.zero_shot_prompt,
         "zero_shot_accuracy": single["accuracy"],
         "zero_shot_per_class": single["per_class_accuracy"],
         "zero_shot_ensemble_accuracy": ensemble["accuracy"],

@@ -129,10 +129,10 @@ class Clip(base.Method):
         conditions.validate(cfg)  # the text tower's sizes and the captions' fit
 
     def zero_shot_prompts(self, cfg) -> list[str]:
-        """The prompt of each class from ``clip.zero_shot_prompt`` ({n}: numeral, {word}: name)."""
+        """The prompt of each class from ``eval.zero_shot_prompt`` ({n}: numeral, {word}: name)."""
         from diffusax.data import captions
 
-        template = cfg.clip.zero_shot_prompt
+        template = cfg.eval.zero_shot_prompt
         try:
             prompts = [
                 template.format(n=c, word=captions.NUMBER_WORDS[c])
@@ -140,17 +140,17 @@ class Clip(base.Method):
             ]
         except (KeyError, IndexError, ValueError) as e:
             raise ConfigError(
-                f"config field 'clip.zero_shot_prompt' ({template!r}) must be a format string "
+                f"config field 'eval.zero_shot_prompt' ({template!r}) must be a format string "
                 f"with only {{n}} and {{word}}: {e!r}"
             ) from e
         if len(set(prompts)) < len(prompts):
             raise ConfigError(
-                f"config field 'clip.zero_shot_prompt' ({template!r}) must name the class "
+                f"config field 'eval.zero_shot_prompt' ({template!r}) must name the class "
                 f"with {{n}} or {{word}}"
             )
         tok = conditions.tokenizer_from_config(cfg)
         try:
-            tok.encode(prompts, cfg.text.context_length, field="clip.zero_shot_prompt")
+            tok.encode(prompts, cfg.text.context_length, field="eval.zero_shot_prompt")
         except ValueError as e:
             raise ConfigError(str(e)) from e
         return prompts
@@ -200,7 +200,8 @@ class Clip(base.Method):
             f"{self.name}  (symmetric InfoNCE, learnable temperature from exp(t) = "
             f"{math.exp(c.init_logit_scale):.3g}, at most {math.exp(c.max_logit_scale):.3g}; "
             f"image convnet {tuple(c.image_widths)}, text transformer {t.layers} x {t.width} "
-            f"over {t.tokenizer}; joint space {c.embed_dim})"
+            f"over {t.tokenizer}; joint space {c.embed_dim}; images shifted by up to "
+            f"{c.max_shift} px)"
         )
 
 
