@@ -39,7 +39,7 @@ def _timed_draw(generate, params, run, num, sample_cfg, key):
     return images, meta.get("labels"), seconds / num
 
 
-def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
+def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=(), teacher_guidance=None) -> dict:
     """Score the student of ``workdir`` and its teacher; writes ``workdir/eval/metrics.json``
     (atomically, once every number is computed). ``targets_fn(rows, floor, teacher_steps)``
     replaces ``targets``; ``extra_rows`` (scored by another run's evaluation) are listed after
@@ -93,6 +93,8 @@ def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
         rows.append(score("student", run.method.make_sampler(run, s), trained.params, s))
     for k in (*steps, cfg.eval.teacher_steps):
         s = _sample_cfg(cfg, trained, "ddim", k)
+        if teacher_guidance is not None:
+            s.guidance_scale = float(teacher_guidance)
         rows.append(score("teacher", run.method.teacher_sampler(run, s), teacher_params, s))
     targets_fn = targets if targets_fn is None else targets_fn
     metrics = {
@@ -102,6 +104,9 @@ def evaluate(cfg, workdir: str, *, targets_fn=None, extra_rows=()) -> dict:
         "num_samples": num,
         "matched_size": matched,
         "guidance_scale": cfg.sample.guidance_scale,
+        "teacher_guidance_scale": (
+            cfg.sample.guidance_scale if teacher_guidance is None else float(teacher_guidance)
+        ),
         "fd_heldout_matched": floor,
         "rows": rows + [dict(r) for r in extra_rows],
         "targets": targets_fn(rows, floor, cfg.eval.teacher_steps),
@@ -153,10 +158,11 @@ def targets(rows, floor: float, teacher_steps: int) -> dict:
 
 
 def format_report(d: dict) -> str:
+    teacher_w = d.get("teacher_guidance_scale", d["guidance_scale"])
     lines = [
         f"{d['experiment']} at step {d['checkpoint_step']} on {d['dataset']}, guidance "
-        f"{d['guidance_scale']}; Fréchet distance to the train split on {d['matched_size']} "
-        f"samples (held-out real digits: {d['fd_heldout_matched']:.3f})",
+        f"{d['guidance_scale']} (teacher {teacher_w}); Fréchet distance to the train split on "
+        f"{d['matched_size']} samples (held-out real digits: {d['fd_heldout_matched']:.3f})",
         f"  {'model':<8} {'sampler':<7} {'steps':>5}  {'FD':>8}  {'FD (all)':>8}  "
         f"{'class acc':>9}  {'ms/image':>9}  {'images/s':>9}",
     ]
