@@ -182,6 +182,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Random crops, CLIP's one augmentation: each image shifted by up to this many pixels.
     c.clip.max_shift = 0
 
+    # Method "prior": unCLIP's diffusion prior (diffusax.methods.prior), a caption -> a CLIP
+    # image embedding, over the frozen CLIP of a clip run. Its clip and text sections must be
+    # that run's (they build the frozen encoder).
+    c.prior = ml_collections.ConfigDict()
+    c.prior.clip = "run:runs/clip_digits"  # the frozen CLIP: "run:DIR" of method clip
+    # `make train` trains the CLIP first when it has no checkpoint ("" = never).
+    c.prior.clip_experiment = "clip_digits"
+    c.prior.width = 128  # the decoder-only transformer over [tokens, text, time, z_t, query]
+    c.prior.layers = 4
+    c.prior.heads = 4
+    c.prior.mlp_dim = 0  # 0 = 4 * width
+    c.prior.causal = True  # the paper's causal mask; False = full attention
+    c.prior.num_timesteps = 1000  # of the cosine ᾱ schedule
+    c.prior.drop_text = 0.1  # rate at which the caption is replaced by the learned null
+    c.prior.sampler = "ddim"  # ddpm | ddim, over embeddings
+    c.prior.num_steps = 25  # timesteps visited (trailing spacing)
+    c.prior.eta = 0.0  # DDIM's η
+    c.prior.guidance_scale = 1.0  # s of classifier-free guidance; 1 = the conditional prior
+    c.prior.num_candidates = 2  # draws per caption; the closest to its text embedding is kept
+
     # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
     # teacher (LCM-LoRA: no w-embedding, no separate target).
     c.adapters = ml_collections.ConfigDict()
