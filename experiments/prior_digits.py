@@ -11,7 +11,16 @@ are clip_digits' (class, thickness, slant; drawn afresh every step).
     make eval EXP=prior_digits     # cosine to held-out digits of the prompted class vs random
                                    # pairs, class agreement (runs/prior_digits/eval/metrics.json)
 
-Measured: not yet.
+Measured (2-core CPU, another training on one core throughout): `make train` 5 min 45 s
+(2000 steps of 128 captions, ~6 steps/s; the same prior 128 wide ran at 2.4 steps/s, 14 min);
+`make eval` 54 s. Over 500 prompts naming only a class ("7", "seven", "the digit 7", ...;
+ddim, 25 steps, guidance 2, best of 2): the mean cosine between a sampled embedding and the
+CLIP image embeddings of the 300 held-out digits of the prompted class is 0.760 (to the other
+classes' digits 0.066), against 0.153 for random pairs of held-out digits and 0.687 for pairs
+of one class (guided samples sit nearer their class's centre than a real digit does); class
+agreement (zero-shot class of the sampled embedding) 100%, the nearest held-out image's class
+100%. Unguided: 0.758, 100%, 99.6%. The prompt's own text embedding scores 0.613: this small
+CLIP's text and image embeddings lie closer than a large CLIP's do.
 """
 
 from experiments import clip_digits
@@ -24,7 +33,7 @@ def get_config(arg=None):
     c.method = "prior"
     c.prior.clip = "run:runs/clip_digits"
     c.prior.clip_experiment = "clip_digits"
-    c.prior.width = 128
+    c.prior.width = 64  # 128 wide: 2.4 steps/s here, 14 min for 2000 steps
     c.prior.layers = 4
     c.prior.heads = 4
     c.prior.drop_text = 0.1

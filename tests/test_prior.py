@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from drills import helpers as dh
+from flax import nnx
 
 from diffusax import conditions, methods, schedules
 from diffusax.config import ConfigError, load_experiment
@@ -146,20 +147,23 @@ def test_the_null_caption_hides_the_caption_and_only_there():
     states = [jnp.asarray(r.normal(size=(2, 5, 6)), jnp.float32) for _ in range(2)]
     texts = [jnp.asarray(r.normal(size=(2, 4)), jnp.float32) for _ in range(2)]
     null = jnp.asarray([True, False])
-    a = model(z, t, states[0], mask, texts[0], null)
-    b = model(z, t, states[1], mask, texts[1], null)
+    graphdef, weights = nnx.split(model)
+    apply = jax.jit(lambda *args: nnx.merge(graphdef, weights)(*args))  # one program
+    a = apply(z, t, states[0], mask, texts[0], null)
+    b = apply(z, t, states[1], mask, texts[1], null)
     np.testing.assert_array_equal(a[0], b[0])  # the null row reads no caption
     assert not np.allclose(a[1], b[1])  # the other does
     # Padding is no key: what a padded position holds changes nothing.
     padded = states[0].at[:, 3:].set(99.0)
+    no_null = jnp.zeros((2,), bool)
     np.testing.assert_allclose(
-        model(z, t, padded, mask, texts[0]), model(z, t, states[0], mask, texts[0]), rtol=1e-6
+        apply(z, t, padded, mask, texts[0], no_null),
+        apply(z, t, states[0], mask, texts[0], no_null),
+        rtol=1e-6,
     )
 
 
 def _rngs():
-    from flax import nnx
-
     return nnx.Rngs(params=jax.random.key(0))
 
 
@@ -190,25 +194,29 @@ def test_the_step_loss_is_the_x0_loss_through_the_frozen_clip(runs):
     batch = captions_batch(run, 64)
     params = jax.device_get(single.state.params)
     key = jax.random.key(11)
-    loss, _ = run.method.updates(cfg, run.ctx)[0].loss(params, run.frozen(), batch, key)
-    clip_model = run.ctx.module("clip", run.frozen()["clip"])
-    prior_model = run.ctx.module("prior", params["prior"])
-    scale = np.sqrt(cfg.clip.embed_dim)
-    u = clip_model.encode_image(batch["image"])
-    z0 = scale * u / jnp.linalg.norm(u, axis=1, keepdims=True)
+    loss_fn = jax.jit(run.method.updates(cfg, run.ctx)[0].loss)
+    loss, _ = loss_fn(params, run.frozen(), batch, key)
     key_t, key_eps, key_null = jax.random.split(key, 3)
     t = jax.random.randint(key_t, (64,), 0, cfg.prior.num_timesteps)
     eps = jax.random.normal(key_eps, (64, cfg.clip.embed_dim))
     null = jax.random.bernoulli(key_null, cfg.prior.drop_text, (64,))
     abar = jnp.asarray(np.cumprod(1.0 - schedules.cosine_betas(cfg.prior.num_timesteps)))[t]
-    z_t = jnp.sqrt(abar)[:, None] * z0 + jnp.sqrt(1 - abar)[:, None] * eps
-    states, _ = clip_model.text(batch["tokens"], mask=batch["mask"])
-    v = clip_model.encode_text(batch["tokens"], batch["mask"])
-    text = scale * v / jnp.linalg.norm(v, axis=1, keepdims=True)
-    want = [
-        float(jnp.mean((prior_model(z_t, t, states, batch["mask"], text, n) - z0) ** 2))
-        for n in (null, jnp.zeros_like(null))
-    ]
+    scale = np.sqrt(cfg.clip.embed_dim)
+
+    @jax.jit  # one program rather than hundreds of eager ops
+    def direct(clip_params, prior_params, null):
+        clip_model = run.ctx.module("clip", clip_params)
+        u = clip_model.encode_image(batch["image"])
+        z0 = scale * u / jnp.linalg.norm(u, axis=1, keepdims=True)
+        z_t = jnp.sqrt(abar)[:, None] * z0 + jnp.sqrt(1 - abar)[:, None] * eps
+        states, _ = clip_model.text(batch["tokens"], mask=batch["mask"])
+        v = clip_model.encode_text(batch["tokens"], batch["mask"])
+        text = scale * v / jnp.linalg.norm(v, axis=1, keepdims=True)
+        prior_model = run.ctx.module("prior", prior_params)
+        return jnp.mean((prior_model(z_t, t, states, batch["mask"], text, null) - z0) ** 2)
+
+    frozen = run.frozen()["clip"]
+    want = [float(direct(frozen, params["prior"], n)) for n in (null, jnp.zeros_like(null))]
     assert 0 < int(null.sum()) < 64
     np.testing.assert_allclose(float(loss), want[0], rtol=1e-5)
     assert abs(want[0] - want[1]) > 1e-6
