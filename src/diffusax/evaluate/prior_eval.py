@@ -119,7 +119,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     num_classes = len(zero_shot)
     prompts, prompt_labels = class_prompts(cfg.eval.num_samples, num_classes)
     tokens, mask = conditions.encode_prompts(cfg, prompts)
-    prompt_text = chunked(lambda t, m, i: embed_texts(clip_params, t, m), [tokens, mask], CHUNK)
+    rows = min(CHUNK, len(prompts))  # a few prompts (a test's) are not padded to CHUNK
+    prompt_text = chunked(lambda t, m, i: embed_texts(clip_params, t, m), [tokens, mask], rows)
 
     key = jax.random.fold_in(jax.random.key(cfg.seed), SAMPLE_STEP)
     guided = prior.sampling_of(cfg)
@@ -131,7 +132,7 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
         draw = lambda t, m, i, fn=fn: fn(
             params, jnp.asarray(t), jnp.asarray(m), jax.random.fold_in(key, i)
         )
-        sampled = chunked(draw, [tokens, mask], CHUNK)  # (N, D) unit
+        sampled = chunked(draw, [tokens, mask], rows)  # (N, D) unit
         found = similarities(sampled, image_emb, labels, prompt_labels, class_text)
         results.update({name + k: v for k, v in found.items()})
     text_only = similarities(prompt_text, image_emb, labels, prompt_labels, class_text)
