@@ -1,15 +1,19 @@
 """Few-step students against their teacher on this CPU: images/s and quality, as a table.
 
-    make train && make train EXP=lcm_digits [&& make train EXP=lcm_lora_digits]
+    make train && make train EXP=lcm_digits [&& make train EXP=lcm_lora_digits] \
+        [&& make train EXP=add_digits]
     make bench-lcm                     # records benchmarks/results/lcm_cpu.json, RESULTS_LCM.md
+    make bench-lcm ARGS="--runs add_digits add_digits:add_digits_seed1"   # EXP:RUN_DIR_NAME
 
-For each trained student run (lcm_digits, lcm_lora_digits where present) it runs that run's
-`make eval` (``diffusax.evaluate.few_step``): the student at 1, 2, 4 and 8 steps and the frozen
+For each trained student run (lcm_digits, lcm_lora_digits, add_digits where present) it runs that
+run's `make eval` (the method's ``evaluate``, ``diffusax.evaluate.few_step``; ADD's beside the
+LCM student's own evaluation): the student at its step counts (LCM 1, 2, 4, 8; ADD 1, 2, 4) and the frozen
 teacher with DDIM at the same counts and at 100 steps, each sampler compiled and run once, then
 timed on a second run of the same 1000 images (steady state, compilation apart), and each scored
 by the digits classifier's Fréchet distance and class agreement. The targets (1-step 5x better
 than the teacher's 1-step DDIM; 2 and 4 steps near the 100-step teacher; 4 steps at least 20x the
-100-step teacher's images/s) are recorded with the numbers.
+100-step teacher's images/s; ADD: 1 step better than LCM's, 1 and 4 steps near the teacher) are
+recorded with the numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-RUNS = ("lcm_digits", "lcm_lora_digits")
+RUNS = ("lcm_digits", "lcm_lora_digits", "add_digits")
 HEADER = (
     "# Few-step students on the digits (CPU)\n\n"
     "`make bench-lcm` (benchmarks/bench_lcm.py): images/s in steady state on 1000 images "
@@ -33,15 +37,17 @@ HEADER = (
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="*", default=list(RUNS), help="experiments to score")
+    p.add_argument(
+        "--runs", nargs="*", default=list(RUNS), help="experiments to score (EXP or EXP:RUN_DIR)"
+    )
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs"))
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     os.chdir(ROOT)  # the experiments name their teacher as runs/ddpm_digits
     import jax
 
+    from diffusax import methods
     from diffusax.config import load_experiment
-    from diffusax.evaluate import few_step
 
     load = harness.LoadLog()
     load.mark("start")
@@ -53,14 +59,17 @@ def main(argv=None) -> int:
         "runs": {},
     }
     rows = [f"\n## {result['date']}, {result['machine']['cpu']['name']}\n"]
-    for name in args.runs:
+    for entry in args.runs:
+        exp, _, run_name = entry.partition(":")
+        name = run_name or exp
         workdir = os.path.join(args.runs_dir, name)
         if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            print(f"skipping {name}: no run in {workdir} (make train EXP={name})")
+            print(f"skipping {name}: no run in {workdir} (make train EXP={exp})")
             continue
-        cfg = load_experiment(name)
-        report = few_step.evaluate(cfg, workdir)
-        print(few_step.format_report(report))
+        cfg = load_experiment(exp)
+        method = methods.get(cfg.method)
+        report = method.evaluate(cfg, workdir)
+        print(method.format_report(report))
         result["runs"][name] = report
         rows.append(
             f"\n### {name} (step {report['checkpoint_step']}, held-out "
@@ -75,7 +84,7 @@ def main(argv=None) -> int:
             )
         rows.append(
             "\nTargets: "
-            + ", ".join(f"{k}: {few_step._fmt(v)}" for k, v in report["targets"].items())
+            + ", ".join(f"{k}: {_fmt(v)}" for k, v in report["targets"].items())
             + "\n"
         )
     load.mark("end")
@@ -89,6 +98,10 @@ def main(argv=None) -> int:
     )
     print("recorded", *paths)
     return 0
+
+
+def _fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

@@ -322,122 +322,91 @@ def test_sigkill_of_the_autoencoder_method_then_resume_is_bitwise(tmp_path):
     assert dh.differing_leaves(got.state, want.state) == []
 
 
-# --- LCM distillation (a frozen teacher, a student and its EMA target) ------------------------
+# --- Distillations: a frozen teacher and the student's networks --------------------------------
 
-LCM_STEPS = 24
-LCM_MOMENTS = ["startup", "step", "write", "commit"]
+DISTILL_STEPS = 24
+DISTILL_MOMENTS = ["startup", "step", "write", "commit"]
+ADD = dh.REPO / "experiments" / "add_digits.py"
+
+
+def _kill_drill_of_distillation(tmp_path, experiment, method_over, seed, logged=("loss",)):
+    """Trains a 4-step teacher, then the distillation ``experiment`` of it twice: once
+    uninterrupted, once SIGKILLed at each of DISTILL_MOMENTS and restarted. Every logged value
+    of ``logged`` must match the uninterrupted run; returns both final (restored) runs."""
+    env = dh.trainer_env(1)
+    teacher = tmp_path / "teacher"
+    t_over = dict(OVERRIDES, **{"train.num_steps": 4, "train.checkpoint_every": 4})
+    assert dh.Trainer(teacher, t_over, env=env, name="teacher").wait() == 0
+    section = "lcm" if experiment == dh.LCM else "add"
+    over = dict(
+        OVERRIDES,
+        **{"train.num_steps": DISTILL_STEPS, f"{section}.teacher": f"run:{teacher}"},
+        **method_over,
+    )
+    ref_dir = tmp_path / "reference"
+    saves_once = dict(over, **{"train.checkpoint_every": DISTILL_STEPS})
+    reference = dh.Trainer(ref_dir, saves_once, env=env, name="ref", config=experiment)
+    assert reference.wait() == 0, reference.stderr()[-3000:]
+    values = lambda r: tuple(r[k] for k in logged)
+    ref_values = {r["step"]: values(r) for r in dh.read_metrics(ref_dir)}
+    assert sorted(ref_values) == list(range(1, DISTILL_STEPS + 1))
+
+    rng = random.Random(KILL_SEED + seed)
+    workdir = tmp_path / "killed"
+    kill_env = dh.trainer_env(1, cache_writes=False)
+    for i, moment in enumerate(DISTILL_MOMENTS):
+        start = max(dh.steps_on_disk(workdir), default=0)
+        trainer = dh.Trainer(workdir, over, env=kill_env, name=f"attempt{i}", config=experiment)
+        try:
+            hit = _kill_moment(trainer, moment, start, rng)
+        finally:
+            trainer.kill()
+        assert trainer.proc.returncode == -9, trainer.stderr()[-3000:]
+        assert hit == moment, f"attempt {i}: wanted a kill at {moment}, got {hit}"
+    last_start = max(dh.steps_on_disk(workdir), default=0)
+    final = dh.Trainer(workdir, over, env=kill_env, name="final", config=experiment)
+    assert final.wait() == 0, final.stderr()[-3000:]
+    if last_start:
+        assert f"resumed from step {last_start}" in final.stderr()
+    for record in dh.read_metrics(workdir):
+        assert values(record) == ref_values[record["step"]], record["step"]
+    got = dh.restore(workdir, over, experiment=experiment)
+    want = dh.restore(ref_dir, over, experiment=experiment)
+    assert got.step == want.step == DISTILL_STEPS
+    return got, want
 
 
 def test_sigkill_of_lcm_distillation_then_resume_is_bitwise(tmp_path):
     """Four SIGKILLs of an LCM distillation run (teacher frozen, read from its own run); each
     restart resumes from the newest complete checkpoint, and the final student, its Adam state,
     its EMA target θ⁻ and every logged loss are bitwise those of an uninterrupted run."""
-    env = dh.trainer_env(1)
-    teacher = tmp_path / "teacher"
-    t_over = dict(OVERRIDES, **{"train.num_steps": 4, "train.checkpoint_every": 4})
-    assert dh.Trainer(teacher, t_over, env=env, name="teacher").wait() == 0
-    over = dict(
-        OVERRIDES,
-        **{
-            "train.num_steps": LCM_STEPS,
-            "lcm.teacher": f"run:{teacher}",
-            "lcm.num_ddim_timesteps": 10,
-            "model.guidance_embed_dim": 8,
-            "sample.sampler": "lcm",
-            "sample.num_steps": 2,
-        },
-    )
-    ref_dir = tmp_path / "reference"
-    saves_once = dict(over, **{"train.checkpoint_every": LCM_STEPS})
-    reference = dh.Trainer(ref_dir, saves_once, env=env, name="ref", config=dh.LCM)
-    assert reference.wait() == 0, reference.stderr()[-3000:]
-    ref_losses = {r["step"]: r["loss"] for r in dh.read_metrics(ref_dir)}
-    assert sorted(ref_losses) == list(range(1, LCM_STEPS + 1))
-
-    rng = random.Random(KILL_SEED + 2)
-    workdir = tmp_path / "killed"
-    kill_env = dh.trainer_env(1, cache_writes=False)
-    for i, moment in enumerate(LCM_MOMENTS):
-        start = max(dh.steps_on_disk(workdir), default=0)
-        trainer = dh.Trainer(workdir, over, env=kill_env, name=f"attempt{i}", config=dh.LCM)
-        try:
-            hit = _kill_moment(trainer, moment, start, rng)
-        finally:
-            trainer.kill()
-        assert trainer.proc.returncode == -9, trainer.stderr()[-3000:]
-        assert hit == moment, f"attempt {i}: wanted a kill at {moment}, got {hit}"
-    last_start = max(dh.steps_on_disk(workdir), default=0)
-    final = dh.Trainer(workdir, over, env=kill_env, name="final", config=dh.LCM)
-    assert final.wait() == 0, final.stderr()[-3000:]
-    if last_start:
-        assert f"resumed from step {last_start}" in final.stderr()
-    for record in dh.read_metrics(workdir):
-        assert record["loss"] == ref_losses[record["step"]], record["step"]
-    got = dh.restore(workdir, over, experiment=dh.LCM)
-    want = dh.restore(ref_dir, over, experiment=dh.LCM)
-    assert got.step == want.step == LCM_STEPS
+    over = {
+        "lcm.num_ddim_timesteps": 10,
+        "model.guidance_embed_dim": 8,
+        "sample.sampler": "lcm",
+        "sample.num_steps": 2,
+    }
+    got, want = _kill_drill_of_distillation(tmp_path, dh.LCM, over, seed=2)
     assert sorted(got.state.params) == ["student"] and sorted(got.state.ema) == ["target"]
     assert dh.differing_leaves(got.state, want.state) == []
-
-
-# --- ADD (a frozen teacher, a student and discriminator heads: two optimizers) ----------------
-
-ADD = dh.REPO / "experiments" / "add_digits.py"
-ADD_STEPS = 24
-ADD_MOMENTS = ["startup", "step", "write", "commit"]
 
 
 def test_sigkill_of_add_distillation_then_resume_is_bitwise(tmp_path):
     """Four SIGKILLs of an ADD run (teacher frozen, read from its own run; its encoder is the
     discriminator's feature network); each restart resumes from the newest complete checkpoint,
-    and the final student, discriminator heads, both Adam states and every logged loss are
-    bitwise those of an uninterrupted run."""
-    env = dh.trainer_env(1)
-    teacher = tmp_path / "teacher"
-    t_over = dict(OVERRIDES, **{"train.num_steps": 4, "train.checkpoint_every": 4})
-    assert dh.Trainer(teacher, t_over, env=env, name="teacher").wait() == 0
-    over = dict(
-        OVERRIDES,
-        **{
-            "train.num_steps": ADD_STEPS,
-            "add.teacher": f"run:{teacher}",
-            "add.compare_lcm": "",
-            "add.head_width": 8,
-            "add.head_norm_groups": 4,
-            "add.r1_gamma": 1.0,
-            "disc_optim.schedule": "constant",
-            "disc_optim.warmup_steps": 4,
-            "sample.num_steps": 2,
-        },
+    and the final student, discriminator heads, both Adam states and every logged student and
+    discriminator loss are bitwise those of an uninterrupted run."""
+    over = {
+        "add.compare_lcm": "",
+        "add.head_width": 8,
+        "add.head_norm_groups": 4,
+        "add.r1_gamma": 1.0,
+        "disc_optim.schedule": "constant",
+        "disc_optim.warmup_steps": 4,
+        "sample.num_steps": 2,
+    }
+    got, want = _kill_drill_of_distillation(
+        tmp_path, ADD, over, seed=3, logged=("loss", "disc/loss")
     )
-    ref_dir = tmp_path / "reference"
-    saves_once = dict(over, **{"train.checkpoint_every": ADD_STEPS})
-    reference = dh.Trainer(ref_dir, saves_once, env=env, name="ref", config=ADD)
-    assert reference.wait() == 0, reference.stderr()[-3000:]
-    ref_losses = {r["step"]: (r["loss"], r["disc/loss"]) for r in dh.read_metrics(ref_dir)}
-    assert sorted(ref_losses) == list(range(1, ADD_STEPS + 1))
-
-    rng = random.Random(KILL_SEED + 3)
-    workdir = tmp_path / "killed"
-    kill_env = dh.trainer_env(1, cache_writes=False)
-    for i, moment in enumerate(ADD_MOMENTS):
-        start = max(dh.steps_on_disk(workdir), default=0)
-        trainer = dh.Trainer(workdir, over, env=kill_env, name=f"attempt{i}", config=ADD)
-        try:
-            hit = _kill_moment(trainer, moment, start, rng)
-        finally:
-            trainer.kill()
-        assert trainer.proc.returncode == -9, trainer.stderr()[-3000:]
-        assert hit == moment, f"attempt {i}: wanted a kill at {moment}, got {hit}"
-    last_start = max(dh.steps_on_disk(workdir), default=0)
-    final = dh.Trainer(workdir, over, env=kill_env, name="final", config=ADD)
-    assert final.wait() == 0, final.stderr()[-3000:]
-    if last_start:
-        assert f"resumed from step {last_start}" in final.stderr()
-    for record in dh.read_metrics(workdir):  # the student's loss and the discriminator's
-        assert (record["loss"], record["disc/loss"]) == ref_losses[record["step"]], record["step"]
-    got = dh.restore(workdir, over, experiment=ADD)
-    want = dh.restore(ref_dir, over, experiment=ADD)
-    assert got.step == want.step == ADD_STEPS
     assert sorted(got.state.params) == sorted(got.state.opt_state) == ["discriminator", "student"]
     assert dh.differing_leaves(got.state, want.state) == []
