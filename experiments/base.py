@@ -166,7 +166,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.add.zero_terminal_snr = False
     # ε-prediction: the student reads its ε at ᾱ >= min_abar (0 = off), as lcm.min_abar.
     c.add.min_abar = 0.0
-    c.add.clip_x0 = 1.0  # clip the student's and the teacher's x̂_0 to [-c, c] (0 = off)
+    c.add.clip_x0 = 1.0  # clip the teacher's x̂_0 (and sampled images) to [-c, c] (0 = off)
+    # Clip the student's x̂_0 in training too. Off: the clip has zero gradient beyond ±c, so a
+    # pixel the 1-step student overshoots (its x̂_0 is its ε error times 1/√ᾱ ~ 30) stays
+    # saturated; a first run with it on gave binary, saturated 1-step digits (FD 175).
+    c.add.clip_student = False
     # An LCM run ("run:DIR") whose own `make eval` rows are shown beside ADD's, and compared
     # at one step ("" = none).
     c.add.compare_lcm = ""

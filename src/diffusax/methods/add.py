@@ -11,8 +11,10 @@ against a discriminator and towards a frozen teacher.
 
 The student's timesteps are the N trailing ones s_i = round(T - i T/N) - 1 (N =
 ``add.student_timesteps`` = 4: {999, 749, 499, 249} for T = 1000). A step draws s from them,
-x_s = √ᾱ_s x_0 + √(1-ᾱ_s) ε, and the student's x̂_θ = clip(x̂_0(F_θ(x_s, s, y))) (its ε read at
-ᾱ ≥ ``add.min_abar``, as LCM's student: ``lcm.floored_x0``). The distillation target: x̂_θ
+x_s = √ᾱ_s x_0 + √(1-ᾱ_s) ε, and the student's x̂_θ = x̂_0(F_θ(x_s, s, y)) (its ε read at
+ᾱ ≥ ``add.min_abar``, as LCM's student: ``lcm.floored_x0``; unclipped in training unless
+``add.clip_student``: a clipped pixel has no gradient, so a stroke pushed past ±1 would stay
+there, and the discriminator is what should teach the range). The distillation target: x̂_θ
 re-noised at a teacher timestep t ~ U{0..T-1} on the teacher's schedule (optionally rescaled to
 zero terminal SNR, ``rescale_zero_terminal_snr``), x̂_t = √ᾱ'_t sg(x̂_θ) + √(1-ᾱ'_t) ε', and the
 teacher's classifier-free-guided x̂_0 there at scale w = ``add.teacher_guidance``:
@@ -311,7 +313,7 @@ class ADD(ddpm.DDPM):
                 x_hat = lcm.floored_x0(x_s, sched.alphas_cumprod[s], out, a.min_abar)
             else:
                 x_hat, _ = diffusion.x0_eps_from_prediction(sched, prediction, x_s, s, out)
-            if a.clip_x0:
+            if a.clip_student and a.clip_x0:
                 x_hat = jnp.clip(x_hat, -a.clip_x0, a.clip_x0)
             return x_hat, s  # (B, H, W, C), (B,)
 
