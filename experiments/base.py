@@ -206,6 +206,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.prior.guidance_scale = 1.0  # s of classifier-free guidance; 1 = the conditional prior
     c.prior.num_candidates = 2  # draws per caption; the closest to its text embedding is kept
 
+    # Method "unclip": unCLIP's decoder (diffusax.methods.unclip), an image from a CLIP image
+    # embedding and a caption, over the frozen CLIP (prior.clip) and the frozen prior run below;
+    # its prior section must be that run's (it builds the frozen prior and samples it).
+    c.unclip = ml_collections.ConfigDict()
+    c.unclip.prior = "run:runs/prior_digits"  # the frozen prior: "run:DIR" of method prior
+    # `make train` trains the prior first when it has no checkpoint ("" = never).
+    c.unclip.prior_experiment = "prior_digits"
+    c.unclip.drop_text = 0.5  # rate at which the caption is replaced by the empty one
+    c.unclip.drop_image = 0.1  # rate at which the image embedding is the learned null
+    c.unclip.variation_eta = 1.0  # DDIM's η of `--mode=variations`: > 0, so the draws differ
+    c.unclip.num_variations = 8  # per source image
+    # `--mode=variations`: the source image, an index into the held-out split or an image file
+    # (PNG, JPEG, .npy; made grey and resized to the data's size).
+    c.unclip.source = "heldout:0"
+    c.unclip.num_sources = 4  # sources heldout:K, K+1, ... (one row each; "heldout:" only)
+    # `--mode=interpolate`: the two held-out digits whose embeddings the walk joins
+    # (sample.interpolate_steps frames).
+    c.unclip.interpolate_indices = (0, 1)
+    c.unclip.eval_variations = 300  # held-out digits whose variation `make eval` classifies
+
     # LoRA adapters (diffusax.lora): with rank > 0, method "lcm" trains only adapters on the
     # teacher (LCM-LoRA: no w-embedding, no separate target).
     c.adapters = ml_collections.ConfigDict()

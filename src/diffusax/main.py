@@ -26,7 +26,10 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file (experiments/NAME.py)")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, samples and logs")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "sample", "eval", "info", "interpolate", "latents"], "what to do"
+    "mode",
+    "train",
+    ["train", "sample", "eval", "info", "interpolate", "variations", "latents"],
+    "what to do",
 )
 flags.DEFINE_integer(
     "cpu_devices",
@@ -181,9 +184,9 @@ def main(argv):
 
             print(f"wrote {latents.encode_from_config(cfg)}")
         elif FLAGS.mode == "interpolate":
-            from diffusax import inference
-
-            print(f"wrote {inference.interpolate_to_disk(cfg, FLAGS.workdir)}")
+            print(f"wrote {method.interpolate_to_disk(cfg, FLAGS.workdir)}")
+        elif FLAGS.mode == "variations":  # unclip: decoded variations of an image
+            print(f"wrote {method.variations_to_disk(cfg, FLAGS.workdir)}")
         elif FLAGS.mode == "eval":
             print(method.format_report(method.evaluate(cfg, FLAGS.workdir)))
     except (NonFiniteLossError, checkpoint.CheckpointWriteError) as e:

@@ -97,8 +97,18 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     """Score the latest checkpoint (the EMA) of the prior run in ``workdir``."""
     t0 = time.time()
     trained = inference.load_trained(cfg, workdir, devices=devices)
-    run = trained.run
-    params = {"clip": run.frozen()["clip"], "prior": trained.params}
+    params = {"clip": trained.run.frozen()["clip"], "prior": trained.params}
+    metrics = score(cfg, trained.run, params, trained.step)
+    metrics["seconds"] = round(time.time() - t0, 2)
+    if jax.process_index() == 0:
+        write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
+    return metrics
+
+
+def score(cfg, run, params, step: int) -> dict:
+    """The metrics of the prior ``params["prior"]`` over the CLIP ``params["clip"]``, for a
+    built ``run`` whose networks "clip" and "prior" they are (a prior run, or the unCLIP
+    decoder's run, which holds both frozen)."""
     source = open_split(cfg, cfg.data.eval_split)
     held_out = source.read(np.arange(len(source)))
     images, labels = np.asarray(held_out["image"], np.float32), held_out["label"]
@@ -141,7 +151,7 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
         "experiment": cfg.name,
         "dataset": cfg.data.name,
         "split": cfg.data.eval_split,
-        "checkpoint_step": int(trained.step),
+        "checkpoint_step": int(step),
         "num_heldout": len(images),
         "num_prompts": len(prompts),
         "example_prompts": prompts[:3],
@@ -156,9 +166,6 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
         "zero_shot_prompt": cfg.eval.zero_shot_prompt,
         "chance_agreement": 1.0 / num_classes,
     }
-    metrics["seconds"] = round(time.time() - t0, 2)
-    if jax.process_index() == 0:
-        write_json(os.path.join(workdir, "eval", "metrics.json"), metrics)
     return metrics
 
 

@@ -13,6 +13,7 @@ checkpoints, inference, `make info` and the benchmarks ask it, through ``train.b
     make_sampler(run, sample_cfg)              its sampler (None: it draws no samples)
     sample_conditions(run, num, sample_cfg)    the labels / prompts / embeddings it samples
     sample_to_disk(cfg, workdir)               `make sample` (default: the run's checkpoint)
+    interpolate_to_disk, variations_to_disk    `--mode=interpolate`, `--mode=variations`
     describe_run(cfg)                          `make info` (default: the built run's networks)
     modes                                      the --mode values it runs
     evaluate(cfg, workdir), format_report(r)   `make eval`
@@ -163,6 +164,17 @@ class Method:
         from diffusax import inference
 
         return inference.sample_to_disk(cfg, workdir)
+
+    def interpolate_to_disk(self, cfg, workdir: str) -> str:
+        """`--mode=interpolate`: a strip of samples walking between two conditions; returns
+        its path (default: between two classes' label embeddings)."""
+        from diffusax import inference
+
+        return inference.interpolate_to_disk(cfg, workdir)
+
+    def variations_to_disk(self, cfg, workdir: str) -> str:
+        """`--mode=variations` (a method that lists it in ``modes``): variations of an image."""
+        raise NotImplementedError
 
     def describe_run(self, cfg) -> str | None:
         """`make info`'s text, or None for the default (``main.describe_run``: the networks

@@ -158,6 +158,7 @@ def make_generate(
     condition=None,
     clip: bool = True,
     sampler_kwargs=None,
+    shared_noise: bool = False,
 ):
     """A jitted ``generate(params, labels, key) -> images in [-1, 1]`` for one batch.
 
@@ -173,6 +174,8 @@ def make_generate(
     pytree: caption tokens and mask, or embeddings) and guidance pairs it with its null.
     ``clip=False`` returns the samples unclipped (latents, decoded by the caller).
     ``sampler_kwargs``: further keywords of ``sampling.sample`` (the "lcm" sampler's scalings).
+    ``shared_noise``: every row starts from the same x_T (a walk between conditions, whose
+    frames then differ only by their condition).
     """
     decode = None
     if cfg.latents.dir:
@@ -202,7 +205,9 @@ def make_generate(
         model_fn = sampling.bind_condition(net, labels)
         rows = conditions.batch_size_of(labels) if labels is not None else s.batch_size
         shape = (rows, *image_shape)
-        x_T = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
+        noise_shape = (1, *image_shape) if shared_noise else shape
+        x_T = jax.random.normal(jax.random.fold_in(key, 1), noise_shape, jnp.float32)
+        x_T = jnp.broadcast_to(x_T, shape)
         if mesh is not None:
             x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
         x = sampling.sample(

@@ -75,13 +75,11 @@ def _build_dit(model_cfg, *, height, channels, out_channels, num_classes, learne
     )
 
 
-def _build_unet_cond(
-    model_cfg, *, height, channels, out_channels, num_classes, learned, rngs, conditioning
-):
-    from diffusax.models.conditioned import ConditionedUNet
-
+def unet_cond_kwargs(model_cfg, *, height, channels, out_channels) -> dict:
+    """``unet_cond.UNetCondition``'s arguments from the config's ``model`` section (without the
+    context width, which the condition encoder sets)."""
     levels = len(model_cfg.ch_mult)
-    unet_kwargs = dict(
+    return dict(
         in_channels=channels,
         out_channels=out_channels,
         block_out_channels=tuple(model_cfg.ch * m for m in model_cfg.ch_mult),
@@ -95,6 +93,16 @@ def _build_unet_cond(
         norm_num_groups=min(32, model_cfg.ch),
         dropout=model_cfg.dropout,
         remat=model_cfg.remat,
+    )
+
+
+def _build_unet_cond(
+    model_cfg, *, height, channels, out_channels, num_classes, learned, rngs, conditioning
+):
+    from diffusax.models.conditioned import ConditionedUNet
+
+    unet_kwargs = unet_cond_kwargs(
+        model_cfg, height=height, channels=channels, out_channels=out_channels
     )
     return ConditionedUNet(
         unet_kwargs=unet_kwargs, dtype=DTYPES[model_cfg.dtype], rngs=rngs, **conditioning
