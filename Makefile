@@ -10,7 +10,8 @@ WORKDIR ?= runs/$(EXP)
 ARGS ?=
 LINT_PATHS := src tests benchmarks experiments notebooks
 
-.PHONY: install install-test test drills lint train sample eval info latents bench bench-dit \
+.PHONY: install install-test test drills lint train sample eval info latents interpolate variations \
+	bench bench-dit \
 	bench-sd bench-lcm bench-dit-gpu clean
 
 $(PY):
@@ -68,6 +69,14 @@ sample: $(VENV)/.installed-run
 # Sample quality (Fréchet distance in a digits classifier's features) and bits per dimension.
 eval: $(VENV)/.installed-run
 	$(RUN) --mode=eval $(ARGS)
+
+# A walk between two conditions (two classes; an unCLIP run: two images' embeddings), and an
+# unCLIP run's decoded variations of an image: WORKDIR/samples/interpolate_*.png, variations_*.png.
+interpolate: $(VENV)/.installed-run
+	$(RUN) --mode=interpolate $(ARGS)
+
+variations: $(VENV)/.installed-run
+	$(RUN) --mode=variations $(ARGS)
 
 # Latent experiments (dit_xl2): encode latents.source once with the frozen VAE into latents.dir.
 # Resumable: run it again after an interruption and it continues with the next shard.

@@ -361,6 +361,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000
     c.eval.bpd_examples = 256
     c.eval.classifier_steps = 1500
+    # Text models: samples per class and asked bucket (thin / thick, left / right) of the
+    # attribute agreement (evaluate.conditional).
+    c.eval.attribute_per_class = 20
     # Methods "lcm" and "add": the step counts the student (and the teacher's DDIM) are scored
     # at, and the teacher's reference step count.
     c.eval.few_steps = (1, 2, 4, 8)

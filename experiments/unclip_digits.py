@@ -9,11 +9,9 @@ at sampling the frozen prior gives the embedding of a caption.
 
     make train EXP=unclip_digits   # trains clip_digits and prior_digits first if missing
     make sample EXP=unclip_digits ARGS="--config.sample.prompt='a thick seven|2'"
-    .venv/bin/python -m diffusax.main --config=experiments/unclip_digits.py \\
-        --workdir=runs/unclip_digits --mode=variations [--config.unclip.source=heldout:10 or
-        --config.unclip.source=my_digit.png]
-    .venv/bin/python -m diffusax.main --config=experiments/unclip_digits.py \\
-        --workdir=runs/unclip_digits --mode=interpolate --config.unclip.interpolate_indices='(3, 8)'
+    make variations EXP=unclip_digits [ARGS=--config.unclip.source=heldout:10 or
+                                       ARGS=--config.unclip.source=my_digit.png]
+    make interpolate EXP=unclip_digits ARGS="--config.unclip.interpolate_indices='(3, 8)'"
     make eval EXP=unclip_digits    # FD, class agreement of prompts, variations, the prior
 
 `--mode=variations` writes samples/variations_<source>.png: each row a held-out digit (or the
@@ -34,6 +32,9 @@ def get_config(arg=None):
     c.unclip.prior_experiment = "prior_digits"
     c.unclip.drop_text = 0.5
     c.unclip.drop_image = 0.1
+    # The frozen prior sampled unguided: at prior_digits' guidance 2 the embeddings sit nearer
+    # their class's centre (the samples' FD 100 against 73.6 at 1.0, class agreement 100% both).
+    c.prior.guidance_scale = 1.0
 
     # The decoder: ddpm_digits' U-Net with a cross-attention transformer at 4x4 and its own
     # text encoder (the text section's: 2 blocks x 64 wide).

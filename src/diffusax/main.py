@@ -1,5 +1,6 @@
 """Command line: train, sample, evaluate or describe an experiment, or interpolate between two
-classes (`--mode=interpolate`: samples/interpolate_<a>_<b>.png).
+classes (`--mode=interpolate`: samples/interpolate_<a>_<b>.png; an unCLIP run walks between two
+images' embeddings instead, and `--mode=variations` decodes variations of an image).
 
     python -m diffusax.main --config=experiments/ddpm_digits.py --workdir=runs/ddpm_digits \\
         --mode=train [--config.train.num_steps=500 ...]

@@ -2,7 +2,7 @@
 
 For each attribute of the digit captions (``data.captions``: thickness, slant) and each of its
 named buckets (-1: "thin" / "leaning left", +1: "thick" / "leaning right"), the model is
-prompted ``PER_CLASS`` times per class with prompts naming the class and that bucket
+prompted ``eval.attribute_per_class`` times per class with prompts naming the class and that bucket
 ("a thick 7", "a 7 leaning left", phrasings in turn). Each sample is brought to the data's size
 and measured exactly as the captions were made (``captions.measure``, bucketed by the train
 split's per-class terciles). Agreement is the share measured in the bucket asked for; chance is
@@ -19,8 +19,7 @@ from diffusax import methods
 from diffusax.data import captioned, captions
 from diffusax.evaluate.reconstruction import to_data_size
 
-PER_CLASS = 20  # samples per class and asked bucket
-BATCH = 200
+BATCH = 200  # samples per sampling call, at most
 
 
 def attribute_agreement(trained, clf, data_shape, key) -> dict:
@@ -28,21 +27,22 @@ def attribute_agreement(trained, clf, data_shape, key) -> dict:
     from diffusax.conditions import encode_prompts
 
     run, cfg = trained.run, trained.cfg
+    per_class = cfg.eval.attribute_per_class
+    classes = run.data.dataset_classes
     s = cfg.sample.copy_and_resolve_references()
     with s.unlocked():
-        s.batch_size = methods.padded_batch_size(BATCH, trained.mesh.size)
+        s.batch_size = methods.padded_batch_size(min(BATCH, classes * per_class), trained.mesh.size)
     generate = run.method.make_sampler(run, s)
     thresholds = captioned.digits_thresholds()
     train_buckets = captioned.attribute_buckets(captioned.digits("train"), thresholds)
-    classes = run.data.dataset_classes
     rows = []
     for a, attribute in enumerate(captions.ATTRIBUTES):
         for asked in (-1, 1):
-            labels = np.repeat(np.arange(classes), PER_CLASS).astype(np.int32)
+            labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
             prompts = []
             for i, label in enumerate(labels):
                 options = captions.attribute_prompts(int(label), attribute, asked)
-                prompts.append(options[(i % PER_CLASS) % len(options)])
+                prompts.append(options[(i % per_class) % len(options)])
             tokens, mask = encode_prompts(cfg, prompts)
             images, _ = methods.generate_many(
                 generate,
@@ -59,7 +59,7 @@ def attribute_agreement(trained, clf, data_shape, key) -> dict:
                 {
                     "attribute": attribute,
                     "asked": asked,
-                    "example_prompt": prompts[7 * PER_CLASS],
+                    "example_prompt": prompts[7 * per_class],
                     "num_samples": len(labels),
                     "agreement": float(np.mean(measured == asked)),
                     "opposite": float(np.mean(measured == -asked)),
@@ -67,4 +67,4 @@ def attribute_agreement(trained, clf, data_shape, key) -> dict:
                     "class_accuracy": clf.accuracy(small, labels),
                 }
             )
-    return {"rows": rows, "per_class": PER_CLASS}
+    return {"rows": rows, "per_class": per_class}

@@ -115,8 +115,9 @@ def source_images(cfg, shape) -> tuple[np.ndarray, str]:
 def variations_to_disk(cfg, workdir: str) -> str:
     """samples/variations_<source>.png: each row a source image, then
     ``unclip.num_variations`` decodings of its CLIP image embedding (and the .npz beside)."""
+    shape = tuple(open_split(cfg, cfg.data.eval_split).info.image_shape)
+    sources, name = source_images(cfg, shape)  # a bad source stops before anything is built
     trained = inference.load_trained(cfg, workdir)
-    sources, name = source_images(cfg, trained.image_shape)
     e = np.asarray(embedder(trained.run)(trained.params["clip"], jnp.asarray(sources)))  # (S, D)
     v = cfg.unclip.num_variations
     key = jax.random.fold_in(jax.random.key(cfg.seed), VARIATION_KEY)
@@ -134,7 +135,6 @@ def interpolate_to_disk(cfg, workdir: str) -> str:
     """samples/interpolate_heldout_<a>_<b>.png: held-out digit a, the decodings of
     ``sample.interpolate_steps`` points of the spherical walk from its embedding to b's (one
     shared x_T, DDIM at η = 0), then digit b."""
-    trained = inference.load_trained(cfg, workdir)
     held_out = open_split(cfg, cfg.data.eval_split)
     a, b = (int(i) for i in cfg.unclip.interpolate_indices)
     if not (0 <= a < len(held_out) and 0 <= b < len(held_out)):
@@ -142,6 +142,7 @@ def interpolate_to_disk(cfg, workdir: str) -> str:
             f"config field 'unclip.interpolate_indices' ({a}, {b}) must index the "
             f"{len(held_out)} held-out examples"
         )
+    trained = inference.load_trained(cfg, workdir)
     ends = np.asarray(held_out.read(np.array([a, b]))["image"], np.float32)
     e = embedder(trained.run)(trained.params["clip"], jnp.asarray(ends))  # (2, D)
     steps = cfg.sample.interpolate_steps
