@@ -18,6 +18,13 @@ at sampling the frozen prior gives the embedding of a caption.
 image file given) and 8 decodings of its CLIP image embedding with the empty caption.
 `--mode=interpolate` writes samples/interpolate_heldout_<a>_<b>.png: digit a, 8 decodings of the
 spherical walk from its embedding to b's with one shared starting noise, then digit b.
+
+Measured on a fresh clone (2-core CPU, a test run beside it part of the time): `make train`
+20 min 40 s for all three stages (the decoder's 1800 steps 11 min 18 s), `make eval` 4 min 42 s.
+Prompts naming a digit: the classifier reads that digit in 100% of 1000 samples; variations of
+300 held-out digits keep their class 96.3% (the classifier on the sources: 97.3%); the prior's
+cosine to held-out digits of the prompted class 0.759 against 0.153 for random pairs; FD 72.1
+for the text samples (1000), 37.4 for the variations (300), held-out digits 40.7 (300).
 """
 
 from experiments import prior_digits
