@@ -139,7 +139,7 @@ def check_eval_config(cfg) -> None:
         )
 
 
-def evaluate(cfg, workdir: str, *, devices=None) -> dict:
+def evaluate(cfg, workdir: str, *, devices=None, trained=None) -> dict:
     """Score the latest checkpoint of ``workdir``; writes ``workdir/eval/metrics.json``.
 
     ``devices`` (default: all) are the devices the diffusion model is sampled and scored on.
@@ -150,7 +150,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     check_eval_config(cfg)
     t0 = time.time()
     timings = {}
-    trained = inference.load_trained(cfg, workdir, devices=devices)
+    if trained is None:  # a caller that scores the run further passes its own
+        trained = inference.load_trained(cfg, workdir, devices=devices)
     train_source = open_split(cfg, cfg.data.train_split)
     test_source = open_split(cfg, cfg.data.eval_split)
     eval_dir = os.path.join(workdir, "eval")

@@ -160,8 +160,8 @@ def evaluate(cfg, workdir: str, *, devices=None) -> dict:
     """``evaluate.run``'s metrics of the text -> prior -> decoder samples, with the
     variations' and the prior's beside (eval/metrics.json, written once all are computed)."""
     t0 = time.time()
-    metrics = eval_run.evaluate(cfg, workdir, devices=devices)
-    trained = inference.load_trained(cfg, workdir, devices=devices)
+    trained = inference.load_trained(cfg, workdir, devices=devices)  # once, for both parts
+    metrics = eval_run.evaluate(cfg, workdir, trained=trained)
     run = trained.run
     train_source = open_split(cfg, cfg.data.train_split)
     test_source = open_split(cfg, cfg.data.eval_split)

@@ -66,11 +66,7 @@ class DecoderCondition:
             "image_null": np.bool_(True),
         }
 
-    def spec(self, batch_size: int = 1):
-        return jax.tree.map(
-            lambda n: jax.ShapeDtypeStruct((batch_size, *np.shape(n)), np.asarray(n).dtype),
-            self.null_row(),
-        )
+    spec = conditions.Condition.spec  # the shapes of null_row's leaves, with a batch axis
 
 
 def decoder_condition(tokens, mask, image_embedding) -> dict:
