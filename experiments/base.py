@@ -174,6 +174,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # An LCM run ("run:DIR") whose own `make eval` rows are shown beside ADD's, and compared
     # at one step ("" = none).
     c.add.compare_lcm = ""
+    # An EMA of the student, θ_ema ← d·θ_ema + (1 - d)·θ, which sampling and `make eval` then
+    # use (0 = none: the student is sampled as trained, as the paper's reference does).
+    c.add.ema_decay = 0.0
 
     # Method "clip": contrastive language-image pre-training on the captioned digits (Radford et
     # al. 2021; diffusax.methods.clip). Its text tower is the `text` section's encoder, read

@@ -144,6 +144,7 @@ def test_renoise_sampler_step():
         ("add.head_norm_groups", 3),
         ("add.feature_timestep", 50),
         ("add.r1_gamma", -1.0),
+        ("add.ema_decay", 1.0),
         ("sample.num_steps", 5),
     ],
 )
@@ -154,9 +155,12 @@ def test_bad_config_is_refused_naming_the_field(teacher_dir, field, value):
 
 def test_each_update_moves_only_its_group(teacher_dir):
     """The student's update leaves the discriminator bitwise unchanged, the discriminator's
-    leaves the student unchanged; each moves its own group."""
-    cfg = student_cfg(teacher_dir)
+    leaves the student unchanged; each moves its own group. The student's EMA (add.ema_decay)
+    follows the student after every step, and is what sampling uses."""
+    decay = 0.5
+    cfg = student_cfg(teacher_dir, add__ema_decay=decay)
     run = build(cfg, devices=jax.devices()[:1])
+    assert sorted(run.emas) == ["student"]
     state = run.init_state()
     frozen = run.frozen()
     batch = batch_of(run)
@@ -165,12 +169,21 @@ def test_each_update_moves_only_its_group(teacher_dir):
         (student_update, "student", "discriminator"),
         (disc_update, "discriminator", "student"),
     ):
-        step = jax.jit(make_train_step([update], run.optimizers, {}, seed=0, skip_nonfinite=False))
-        new, metrics = step(step(state, frozen, batch)[0], frozen, batch)  # lr > 0 at the 2nd
+        step = jax.jit(
+            make_train_step([update], run.optimizers, run.emas, seed=0, skip_nonfinite=False)
+        )
+        mid = step(state, frozen, batch)[0]
+        new, metrics = step(mid, frozen, batch)  # lr > 0 at the 2nd
         assert bool(metrics["finite"])
         assert dh.differing_leaves(new.params[kept], state.params[kept]) == []
         assert dh.differing_leaves(new.opt_state[kept], state.opt_state[kept]) == []
         assert dh.differing_leaves(new.params[moved], state.params[moved]) != []
+        want = jax.tree.map(
+            lambda e, p: decay * e + (1 - decay) * p, mid.ema["student"], new.params["student"]
+        )
+        for a, b in zip(jax.tree.leaves(new.ema["student"]), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert run.sample_params(new) is new.ema["student"]
 
 
 def test_student_starts_as_its_teacher_and_the_loss_terms(teacher_dir):

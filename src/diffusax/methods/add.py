@@ -206,7 +206,7 @@ class ADD(ddpm.DDPM):
             cfg,
             SECTION,
             non_negative=("distill_lambda", "r1_gamma", "teacher_guidance", "clip_x0"),
-            unit_interval=("min_abar",),
+            unit_interval=("min_abar", "ema_decay"),
         )
         if a.head_width % a.head_norm_groups:
             raise ConfigError(
@@ -275,10 +275,13 @@ class ADD(ddpm.DDPM):
         }
 
     def emas(self, cfg):
-        return {}  # the student is sampled as trained (ADD keeps no EMA)
+        # ADD's reference samples the student as trained; an EMA (add.ema_decay > 0) averages
+        # out the step-to-step swing that the adversarial game leaves in a 1-step generator.
+        d = cfg.add.ema_decay
+        return {"student": base.Ema("student", d)} if d > 0 else {}
 
     def sample_params(self, state, frozen, cfg):
-        return state.params["student"]
+        return state.ema["student"] if "student" in state.ema else state.params["student"]
 
     def sample_network(self, cfg):
         return "student"
