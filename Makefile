@@ -39,8 +39,12 @@ install: $(VENV)/.installed-run
 
 install-test: $(VENV)/.installed-test
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them, so a
+# file's module fixtures are built once: XLA's CPU compiler, most of the suite's time, uses one
+# core, and a second process keeps the other busy. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # ruff's lint rules and formatting (pyproject.toml [tool.ruff]); fixes nothing.
 lint: $(VENV)/.installed-lint
