@@ -3,7 +3,7 @@ against a discriminator and towards a frozen teacher.
 
     networks  {"teacher": frozen, "student": from the teacher, "discriminator": heads}
               (+ a frozen "features" U-Net when ``add.features`` is "run:DIR")
-    groups    {"student": optim, "discriminator": disc_optim}
+    groups    {"student": optim, "discriminator": disc_optim};  EMA "student" (optional)
     update 1  student:        L_S = -Σ_k E[D_k(x̂_θ)] + λ L_distill                (D fixed)
     update 2  discriminator:  L_D = Σ_k E[max(0, 1 - D_k(x))] + E[max(0, 1 + D_k(x̂_θ))]
                                     + γ/2 E‖∇_φ D(φ(x))‖²       with x̂_θ from the student just
@@ -29,6 +29,9 @@ trainable heads, one per feature level, each with a class projection
 (``models.add_discriminator``). D(x) = Σ_k mean_hw D_k(x) is its per-example score (for R1 and
 the accuracies). The R1 penalty differentiates that score with respect to the features φ(x)
 (the heads' inputs), not the discriminator's parameters or the pixels.
+
+With ``add.ema_decay`` > 0 an EMA of the student (``emas`` "student") is what sampling and
+`make eval` use; it only observes the student, so the training is the same either way.
 
 Sampled by the "add" sampler (``sampling.renoise_step``): denoise to x̂_0, re-noise to the next
 of K ≤ N of the student's timesteps (``sample_timesteps``). `make eval` is ``evaluate.few_step``.
